@@ -1,0 +1,3 @@
+from imaml_seg.cli import main
+
+raise SystemExit(main())

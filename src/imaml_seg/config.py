@@ -1,0 +1,215 @@
+"""Run configuration as frozen dataclasses, with presets stored as TOML files.
+
+One word per concept, the same in code, config files and the CLI: ``shots``, ``query_size``,
+``meta_batch_size``, ``inner_steps``, ``inner_lr``, ``lam``, ``cg_steps``, ``meta_lr``,
+``meta_steps``.  A preset (``presets/<name>.toml``) holds any subset of the sections below;
+what it leaves out keeps the dataclass default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("imaml", "maml", "fomaml", "reptile", "transfer", "scratch")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how tasks are drawn from them."""
+
+    resolution: int = 64
+    """Square side, in pixels, that every image and mask is resized (stretched) to."""
+    shots: int = 5
+    """Support pairs per task (k)."""
+    query_size: int = 5
+    """Query pairs per task during meta-training."""
+    test_fraction: float = 0.5
+    """Share of each dataset held out as its test pool (never used as support)."""
+    split_seed: int = 0
+    """Seed of the fixed adaptation/test pool split of every dataset."""
+    augment: bool = True
+    """Random flips and 90-degree rotations of support and query images during meta-training."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net: MONAI BasicUNet with instance norm (no running statistics)."""
+
+    features: tuple[int, int, int, int, int, int] = (8, 16, 32, 64, 128, 8)
+    norm: str = "instance"
+    """'instance' (affine InstanceNorm) or 'group' (GroupNorm); never BatchNorm."""
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """The inner loop, ``adapt()``, shared by meta-training and evaluation."""
+
+    inner_steps: int = 10
+    inner_lr: float = 0.1
+    optimizer: str = "sgd"
+    """'sgd' or 'adam'."""
+    lam: float = 1.0
+    """Proximal strength lambda of ``lam/2 ||phi - theta||^2`` (iMAML only)."""
+
+
+@dataclass(frozen=True)
+class ImplicitConfig:
+    """The linear solve ``(I + H/lam) v = g`` behind iMAML's meta-gradient."""
+
+    cg_steps: int = 5
+    damping: float = 0.0
+    """Added to the diagonal of H: solves ``(I + (H + damping I)/lam) v = g``."""
+    hessian: str = "exact"
+    """'exact' Hessian-vector products or 'ggn' (Gauss-Newton, positive semi-definite)."""
+    rtol: float = 1e-10
+    """Stop CG once ``||r|| <= rtol * ||g||``."""
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The outer loop."""
+
+    algorithm: str = "imaml"
+    meta_steps: int = 200
+    meta_batch_size: int = 4
+    meta_lr: float = 1e-3
+    val_every: int = 50
+    """Meta-steps between validation rounds (0 disables validation)."""
+    val_tasks: int = 8
+    checkpoint_every: int = 25
+    warm_start: str | None = None
+    """Path of a checkpoint whose weights initialise theta (e.g. transfer pretraining)."""
+    pretrain_steps: int = 300
+    """Supervised steps on pooled source data when ``algorithm == 'transfer'``."""
+    pretrain_batch_size: int = 16
+    reptile_lr: float = 0.5
+    """Outer interpolation rate of Reptile: ``theta += reptile_lr * (phi - theta)``."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Few-shot evaluation on a target dataset."""
+
+    shots: tuple[int, ...] = (5,)
+    draws: int = 20
+    """Random support sets per shot count; the same draws for every method."""
+    test_size: int = 50
+    """Images of the test pool scored per draw (0 means all)."""
+    inner_steps: int = 50
+    """Adaptation steps at test time (may differ from meta-training's)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rebuild a run; stored in every checkpoint."""
+
+    sources: tuple[str, ...] = ("synthetic:0", "synthetic:1", "synthetic:2", "synthetic:3")
+    target: str = "synthetic:7"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message says which and why."""
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        default = getattr(cls(), key)
+        if is_dataclass(default) and isinstance(value, dict):
+            kwargs[key] = _build(type(default), value, f"{where}.{key}")
+        elif isinstance(default, tuple) or isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a RunConfig from nested plain values (as read from TOML or JSON)."""
+    config = _build(RunConfig, values, where)
+    validate(config)
+    return config
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """Nested plain values, JSON- and TOML-friendly."""
+    return dataclasses.asdict(config)
+
+
+def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return ``config`` with nested ``overrides`` applied."""
+
+    def deep(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = deep(out[key], value) if isinstance(value, dict) and key in out else value
+        return out
+
+    return from_dict(deep(to_dict(config), overrides))
+
+
+def preset_names() -> list[str]:
+    """Presets shipped with the package."""
+    folder = resources.files("imaml_seg") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load(name_or_path: str | Path) -> RunConfig:
+    """Load a preset by name (``cpu``, ``paper``, ...) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        where = str(path)
+    else:
+        if str(name_or_path) not in preset_names():
+            raise ConfigError(
+                f"unknown preset '{name_or_path}' (presets: {', '.join(preset_names())})"
+            )
+        text = (resources.files("imaml_seg") / "presets" / f"{name_or_path}.toml").read_text()
+        where = f"preset {name_or_path}"
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where}: not valid TOML ({err})") from None
+    return from_dict(values, where)
+
+
+def validate(config: RunConfig) -> None:
+    """Raise ConfigError on values that cannot work."""
+    checks = [
+        (config.meta.algorithm in ALGORITHMS, f"meta.algorithm must be one of {ALGORITHMS}"),
+        (config.data.resolution >= 16, "data.resolution must be at least 16"),
+        (config.data.resolution % 16 == 0, "data.resolution must be a multiple of 16 (U-Net)"),
+        (config.data.shots >= 1, "data.shots must be at least 1"),
+        (config.data.query_size >= 1, "data.query_size must be at least 1"),
+        (0.0 < config.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
+        (len(config.model.features) == 6, "model.features needs 6 widths"),
+        (config.model.norm in ("instance", "group"), "model.norm must be 'instance' or 'group'"),
+        (config.inner.optimizer in ("sgd", "adam"), "inner.optimizer must be 'sgd' or 'adam'"),
+        (config.inner.inner_steps >= 0, "inner.inner_steps must be >= 0"),
+        (config.inner.lam > 0, "inner.lam must be > 0"),
+        (config.implicit.cg_steps >= 1, "implicit.cg_steps must be >= 1"),
+        (config.implicit.hessian in ("exact", "ggn"), "implicit.hessian must be 'exact' or 'ggn'"),
+        (config.meta.meta_batch_size >= 1, "meta.meta_batch_size must be >= 1"),
+        (len(config.sources) >= 1, "at least one source dataset is needed"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
