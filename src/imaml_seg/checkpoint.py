@@ -1,0 +1,120 @@
+"""Checkpoints: one safetensors file holding weights, optimiser state, config and run state.
+
+Everything needed to rebuild a run lives in a single file, so it can be replaced atomically
+(written to a temporary file in the same folder, flushed, then ``os.replace``d): a crash leaves
+either the old checkpoint or the new one, never half of one.  Tensors are stored under prefixes
+(``theta/<name>``, ``opt/<slot>/<name>``); the run config and JSON-serialisable state go in the
+safetensors header metadata.  No pickle anywhere, so loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from imaml_seg import __version__
+from imaml_seg.config import ConfigError, RunConfig, from_dict, to_dict
+from imaml_seg.model import Params, build_model
+
+FORMAT = "imaml-seg-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class Checkpoint:
+    """A run's weights (``theta``) with everything needed to rebuild or resume it."""
+
+    config: RunConfig
+    theta: Params
+    step: int = 0
+    optimizer_state: dict[str, Params] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    """JSON-serialisable run state (phase, counters, metrics)."""
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"theta/{k}": v.detach().contiguous().cpu() for k, v in checkpoint.theta.items()}
+    for slot, params in checkpoint.optimizer_state.items():
+        tensors.update({f"opt/{slot}/{k}": v.detach().contiguous().cpu() for k, v in params.items()})
+    metadata = {
+        "format": FORMAT,
+        "version": __version__,
+        "config": json.dumps(to_dict(checkpoint.config)),
+        "step": str(checkpoint.step),
+        "state": json.dumps(checkpoint.state),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint, checking that its weights fit the architecture its config describes."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an imaml-seg checkpoint (format {metadata.get('format')})")
+    try:
+        config = from_dict(json.loads(metadata["config"]), where=f"{path} config")
+        step = int(metadata.get("step", "0"))
+        state = json.loads(metadata.get("state", "{}"))
+    except (KeyError, ValueError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({err})") from None
+    theta = {k[len("theta/") :]: v for k, v in tensors.items() if k.startswith("theta/")}
+    check_architecture(theta, config, path)
+    optimizer_state: dict[str, Params] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, slot, name = key.split("/", 2)
+            optimizer_state.setdefault(slot, {})[name] = value
+    return Checkpoint(config, theta, step, optimizer_state, state)
+
+
+def check_architecture(theta: Params, config: RunConfig, path: str | Path = "checkpoint") -> None:
+    """Raise CheckpointError unless ``theta`` has exactly the model's names and shapes."""
+    expected = {k: tuple(p.shape) for k, p in build_model(config.model).named_parameters()}
+    found = {k: tuple(v.shape) for k, v in theta.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        detail = f"missing {missing[:3]}" if missing else f"shape mismatch in {wrong[:3]}"
+        if not missing and not wrong:
+            detail = f"unexpected {sorted(set(found) - set(expected))[:3]}"
+        raise CheckpointError(
+            f"{path}: weights do not fit the model features {config.model.features} ({detail})"
+        )
+    for name, value in theta.items():
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: weight '{name}' holds NaN or Inf")
+

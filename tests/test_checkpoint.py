@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from imaml_seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from imaml_seg.config import ModelConfig, RunConfig
+from imaml_seg.model import build_model, get_params
+
+TINY = RunConfig(model=ModelConfig(features=(2, 2, 4, 4, 8, 2)))
+
+
+def make() -> Checkpoint:
+    torch.manual_seed(0)
+    theta = get_params(build_model(TINY.model))
+    m = {k: torch.randn_like(v) for k, v in theta.items()}
+    return Checkpoint(TINY, theta, step=7, optimizer_state={"m": m}, state={"phase": "meta"})
+
+
+def test_round_trip_keeps_everything(tmp_path) -> None:
+    ckpt = make()
+    path = save_checkpoint(tmp_path / "c.safetensors", ckpt)
+    back = load_checkpoint(path)
+    assert back.config == TINY
+    assert back.step == 7 and back.state == {"phase": "meta"}
+    for k in ckpt.theta:
+        assert torch.equal(back.theta[k], ckpt.theta[k])
+        assert torch.equal(back.optimizer_state["m"][k], ckpt.optimizer_state["m"][k])
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temp files left
+
+
+def test_corrupt_and_foreign_files_give_clear_errors(tmp_path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a readable"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not an imaml-seg checkpoint"):
+        load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path) -> None:
+    path = save_checkpoint(tmp_path / "c.safetensors", make())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="c.safetensors"):
+        load_checkpoint(path)
+
+
+def test_other_architecture_is_refused(tmp_path) -> None:
+    ckpt = make()
+    wrong = Checkpoint(RunConfig(model=ModelConfig(features=(4, 4, 4, 4, 8, 4))), ckpt.theta)
+    path = save_checkpoint(tmp_path / "w.safetensors", wrong)
+    with pytest.raises(CheckpointError, match="do not fit the model"):
+        load_checkpoint(path)
+
+
+def test_nan_weights_are_refused(tmp_path) -> None:
+    ckpt = make()
+    name = next(iter(ckpt.theta))
+    ckpt.theta[name][...] = float("nan")
+    path = save_checkpoint(tmp_path / "n.safetensors", ckpt)
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(path)
