@@ -98,10 +98,14 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[n
 
     Image bilinear (antialiased), mask nearest neighbour (keeps thin vessels; see module doc).
     """
-    size = (resolution, resolution)
-    small = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)
-    small_mask = Image.fromarray(mask).resize(size, Image.Resampling.NEAREST)
-    return np.asarray(small).transpose(2, 0, 1).copy(), np.asarray(small_mask)[None].copy()
+    small_mask = Image.fromarray(mask).resize((resolution, resolution), Image.Resampling.NEAREST)
+    return resize_image(image, resolution), np.asarray(small_mask)[None].copy()
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Stretch ``uint8 (H, W, 3)`` to ``uint8 (3, R, R)`` (bilinear, antialiased)."""
+    small = Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BILINEAR)
+    return np.asarray(small).transpose(2, 0, 1).copy()
 
 
 def preprocess(

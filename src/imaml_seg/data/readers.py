@@ -60,7 +60,7 @@ def natural_key(text: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (any case of the known suffixes, hidden files skipped)."""
     if not folder.is_dir():
         return []
@@ -109,7 +109,7 @@ def _match_by_stem(
         return [], problems
 
     images: dict[str, Path] = {}
-    for path in _image_files(image_dir):
+    for path in image_files(image_dir):
         if path.stem in images:
             problems.append(Problem(str(path), f"another image has the same name: "
                                     f"{images[path.stem].name}"))
@@ -119,7 +119,7 @@ def _match_by_stem(
         problems.append(Problem(str(image_dir), "no images found (folder is empty)"))
 
     masks: dict[str, Path] = {}
-    for path in _image_files(mask_dir):
+    for path in image_files(mask_dir):
         key = path.stem
         if key not in images:
             for suffix in mask_suffixes:
@@ -175,11 +175,11 @@ def read_drive(root: Path) -> tuple[list[Pair], list[Problem]]:
         return _missing(root / "training" / "images", "expected training/images and test/images")
     for split in splits:
         manual_dir, fov_dir = root / split / "1st_manual", root / split / "mask"
-        manuals = {p.stem: p for p in _image_files(manual_dir)}
-        fovs = {p.stem: p for p in _image_files(fov_dir)}
+        manuals = {p.stem: p for p in image_files(manual_dir)}
+        fovs = {p.stem: p for p in image_files(fov_dir)}
         used: set[str] = set()
         images_dir = root / split / "images"
-        images = _image_files(images_dir)
+        images = image_files(images_dir)
         if not images:
             problems.append(Problem(str(images_dir), "no images found"))
         for image in images:
@@ -202,7 +202,7 @@ def read_drive(root: Path) -> tuple[list[Pair], list[Problem]]:
 
 
 def _find_by_stem(folder: Path, stem: str) -> Path | None:
-    for path in _image_files(folder):
+    for path in image_files(folder):
         if path.stem == stem:
             return path
     return None
@@ -270,7 +270,7 @@ def read_busi(root: Path) -> tuple[list[Pair], list[Problem]]:
     for folder in classes:
         images: dict[str, Path] = {}
         masks: dict[str, list[tuple[int, Path]]] = {}
-        for path in _image_files(folder):
+        for path in image_files(folder):
             match = _BUSI_MASK.match(path.stem)
             if match:
                 index = int(match["index"]) if match["index"] else 0
@@ -356,7 +356,7 @@ def detect_layout(folder: Path) -> str | None:
     if _child(folder, "images") and _child(folder, "masks"):
         return "Kvasir-SEG" if canonical_name(folder.name) == "Kvasir-SEG" else "generic"
     if _child(folder, "Dataset_BUSI_with_GT") or any(
-        p.is_dir() and any(_BUSI_MASK.match(f.stem) for f in _image_files(p))
+        p.is_dir() and any(_BUSI_MASK.match(f.stem) for f in image_files(p))
         for p in folder.iterdir()
     ):
         return "BUSI"

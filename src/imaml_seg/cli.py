@@ -1,0 +1,328 @@
+"""Command line: thin wrappers that parse, build configs and call the library.
+
+Every command prints one clear line and exits non-zero on bad input (a missing file, a corrupt
+image, a checkpoint of another architecture), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+
+from imaml_seg import __version__
+from imaml_seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from imaml_seg.config import ConfigError, RunConfig, load, merge
+from imaml_seg.data.validate import DataError
+
+SHIPPED = "shipped"
+EXAMPLES = {
+    "datasets": "imaml-seg datasets --data-root ../shared/data",
+    "meta-train": "imaml-seg meta-train --preset cpu --algorithm imaml "
+                  "--sources Kvasir-SEG ISIC2018 DRIVE --out runs/imaml",
+    "evaluate": "imaml-seg evaluate runs/imaml --target CVC-ClinicDB --shots 1 5 10 --draws 20",
+    "adapt": "imaml-seg adapt --model shipped --support my_cases/ --out my_model.safetensors",
+    "predict": "imaml-seg predict --model my_model.safetensors --images new_cases/ --out masks/",
+    "demo": "imaml-seg demo            # synthetic data, about 5 minutes on 2 cores",
+    "experiment": "imaml-seg experiment experiments/unseen_polyp.toml",
+}
+
+
+class UsageError(ValueError):
+    """A request that cannot be carried out as asked (refused, not crashed)."""
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="folder holding the datasets (default: $IMAML_SEG_DATA)")
+    p.add_argument("--cache-dir", help="cache of preprocessed arrays "
+                   "(default: $IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+
+
+def _paths(args: argparse.Namespace, out: Path | None = None):
+    from imaml_seg.data.cache import cache_dir_from
+    from imaml_seg.data.readers import data_root_from
+    from imaml_seg.meta.trainer import Paths
+
+    return Paths(out or Path("."), data_root_from(args.data_root), cache_dir_from(args.cache_dir))
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    config = load(args.config or args.preset)
+    overrides: dict = {}
+    if getattr(args, "algorithm", None):
+        overrides.setdefault("meta", {})["algorithm"] = args.algorithm
+    if getattr(args, "sources", None):
+        overrides["sources"] = list(args.sources)
+    if getattr(args, "target", None):
+        overrides["target"] = args.target
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
+    if getattr(args, "meta_steps", None) is not None:
+        overrides.setdefault("meta", {})["meta_steps"] = args.meta_steps
+    if getattr(args, "warm_start", None):
+        overrides.setdefault("meta", {})["warm_start"] = args.warm_start
+    return merge(config, overrides) if overrides else config
+
+
+def resolve_model(spec: str) -> Checkpoint:
+    """A checkpoint by path (file or run folder) or the packaged model (``shipped``)."""
+    if spec == SHIPPED:
+        from importlib import resources
+
+        path = resources.files("imaml_seg") / "shipped" / "model.safetensors"
+        if not path.is_file():
+            raise CheckpointError("the shipped model is not part of this installation")
+        return load_checkpoint(Path(str(path)))
+    return load_checkpoint(spec)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from imaml_seg.data.readers import data_root_from
+    from imaml_seg.data.report import dataset_report, format_report
+
+    root = data_root_from(args.data_root)
+    if root is None:
+        raise UsageError("no data root: pass --data-root DIR or set IMAML_SEG_DATA")
+    rows = dataset_report(root)
+    print(json.dumps(rows, indent=2) if args.json else format_report(rows))
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from imaml_seg.meta.distributed import init_from_env, shutdown
+    from imaml_seg.meta.trainer import device_default, train
+
+    config = _run_config(args)
+    device = device_default()
+    world = init_from_env(device)
+    try:
+        path = train(config, _paths(args, Path(args.out)), resume=args.resume,
+                     overwrite=args.overwrite, quiet=args.quiet, world=world, device=device)
+    finally:
+        shutdown(world)
+    if world.is_main and not args.quiet:
+        print(f"checkpoint: {path}")
+    return 0
+
+
+def _load_target(spec: str, config: RunConfig, args: argparse.Namespace):
+    from imaml_seg.data.cache import load_arrays
+
+    paths = _paths(args)
+    return load_arrays(spec, config.data.resolution, data_root=paths.data_root,
+                       cache_dir=paths.cache_dir, progress=not args.quiet)
+
+
+def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
+    """The evaluation wrapper for a checkpoint: adapt() from its theta, as it was trained."""
+    from imaml_seg.evaluation import AdaptedModel
+    from imaml_seg.meta.trainer import device_default
+    from imaml_seg.model import build_model
+
+    device = device_default()
+    c = ckpt.config
+    return AdaptedModel(
+        name, build_model(c.model).to(device), {k: v.to(device) for k, v in ckpt.theta.items()},
+        c.inner, steps if steps is not None else c.eval.inner_steps,
+        proximal=c.meta.algorithm == "imaml", device=device,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from imaml_seg.evaluation import evaluate, summarise
+
+    ckpt = resolve_model(args.model)
+    config = ckpt.config
+    target = _load_target(args.target or config.target, config, args)
+    ev = replace(config.eval, shots=tuple(args.shots) if args.shots else config.eval.shots,
+                 draws=args.draws or config.eval.draws)
+    method = method_for(ckpt, config.meta.algorithm, args.inner_steps)
+    records = evaluate([method], target, config.data, ev, seed=args.seed, quiet=args.quiet)
+    summary = summarise(records)
+    if args.json:
+        print(json.dumps({"records": records, "summary": {f"{m}@{k}": v for (m, k), v in
+                                                           summary.items()}}))
+    else:
+        for (m, k), s in sorted(summary.items()):
+            print(f"{m:10s} {target.name:14s} {k:2d}-shot Dice {s['mean']:.3f} "
+                  f"(95% CI {s['ci_low']:.3f}-{s['ci_high']:.3f}, {s['draws']} draws)")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from imaml_seg.data.cache import load_arrays
+
+    ckpt = resolve_model(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out}: exists; pass --overwrite to replace it")
+    support = load_arrays(args.support, ckpt.config.data.resolution, data_root=None,
+                          cache_dir=_paths(args).cache_dir, progress=not args.quiet)
+    method = method_for(ckpt, "adapted", args.inner_steps)
+    t0 = time.perf_counter()
+    phi = method.adapt(torch.from_numpy(support.images), torch.from_numpy(support.masks))
+    seconds = time.perf_counter() - t0
+    state = {"adapted_from": str(args.model), "support": str(Path(args.support).resolve()),
+             "shots": len(support.names), "seconds": round(seconds, 2)}
+    save_checkpoint(out, Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()}, 0, {},
+                                    state))
+    if not args.quiet:
+        print(f"adapted on {len(support.names)} images in {seconds:.1f} s -> {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imaml_seg.predict import predict_folder
+
+    ckpt = resolve_model(args.model)
+    if args.support:
+        import torch
+
+        from imaml_seg.data.cache import load_arrays
+
+        support = load_arrays(args.support, ckpt.config.data.resolution, data_root=None,
+                              cache_dir=_paths(args).cache_dir, progress=not args.quiet)
+        phi = method_for(ckpt, "adapted", args.inner_steps).adapt(
+            torch.from_numpy(support.images), torch.from_numpy(support.masks))
+        ckpt = Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()})
+    rows = predict_folder(ckpt, Path(args.images), Path(args.out), overwrite=args.overwrite,
+                          quiet=args.quiet, threshold=args.threshold)
+    if not args.quiet:
+        print(f"{len(rows)} masks, overlays and areas.csv written to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imaml_seg.demo import run_demo
+
+    run_demo(_paths(args, Path(args.out)), preset=args.preset, real=args.data_root is not None,
+             quiet=args.quiet, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from imaml_seg.experiment import run_experiment
+
+    run_experiment(Path(args.spec), _paths(args, Path(args.out) if args.out else None),
+                   quiet=args.quiet, only=args.only)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imaml-seg",
+        description="Few-shot medical image segmentation with implicit MAML.",
+        epilog="Run 'imaml-seg COMMAND --help' for each command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"imaml-seg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_,
+                           epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = command("datasets", "List the datasets under a data root, their pairs and every problem.")
+    _data_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_datasets)
+
+    p = command("meta-train", "Meta-train an initialisation on source datasets.")
+    p.add_argument("--preset", default="cpu", help="preset name (cpu, paper, demo, ...)")
+    p.add_argument("--config", help="a TOML config file (instead of --preset)")
+    p.add_argument("--algorithm", help="imaml, maml, fomaml, reptile, transfer or scratch")
+    p.add_argument("--sources", nargs="+", help="dataset names, folders or synthetic:<n>")
+    p.add_argument("--meta-steps", type=int)
+    p.add_argument("--warm-start", help="checkpoint whose weights initialise theta")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log, curves)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    _data_args(p)
+    p.set_defaults(func=cmd_meta_train)
+
+    p = command("evaluate", "Adapt a model to k shots of a target dataset and score it.")
+    p.add_argument("model", help="checkpoint file, run folder, or 'shipped'")
+    p.add_argument("--target", help="dataset name, folder, or synthetic:<n>")
+    p.add_argument("--shots", type=int, nargs="+")
+    p.add_argument("--draws", type=int)
+    p.add_argument("--inner-steps", type=int, help="adaptation steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    _data_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = command("adapt", "Adapt a model to a folder of labelled images (images/, masks/).")
+    p.add_argument("--model", default=SHIPPED, help="checkpoint or 'shipped' (default)")
+    p.add_argument("--support", required=True, help="folder with images/ and masks/")
+    p.add_argument("--out", required=True, help="adapted checkpoint to write (.safetensors)")
+    p.add_argument("--inner-steps", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    _data_args(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = command("predict", "Segment a folder of images: mask PNGs, overlays, areas.csv.")
+    p.add_argument("--model", default=SHIPPED, help="checkpoint (e.g. from adapt) or 'shipped'")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", required=True, help="output folder (not inside --images)")
+    p.add_argument("--support", help="adapt on this labelled folder first")
+    p.add_argument("--inner-steps", type=int)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _data_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = command("demo", "Meta-train briefly, adapt to an unseen dataset with 5 shots, report Dice.")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--preset", default=None, help="default: demo (synthetic) or demo-real")
+    p.add_argument("--overwrite", action="store_true")
+    _data_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = command("experiment", "Run (or resume) a leave-one-dataset-out study.")
+    p.add_argument("spec", help="experiments/<name>.toml")
+    p.add_argument("--out", help="results folder (default: the spec's)")
+    p.add_argument("--only", nargs="+", help="run only these methods")
+    _data_args(p)
+    p.set_defaults(func=cmd_experiment)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from imaml_seg.meta.trainer import RunExistsError
+
+    try:
+        with warnings.catch_warnings():
+            if args.quiet:
+                warnings.simplefilter("ignore")
+            return args.func(args)
+    except (DataError, ConfigError, CheckpointError, UsageError, RunExistsError,
+            FileExistsError) as err:
+        print(f"imaml-seg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"imaml-seg {args.command}: interrupted", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,162 @@
+"""``adapt()``: the one inner loop, shared by meta-training (every algorithm) and evaluation.
+
+A pure function of ``(theta, support set, InnerConfig)``: SGD or Adam on the weight dict through
+``functional_call``, optionally with iMAML's proximal term ``lam/2 ||phi - theta||^2``.  Without
+``create_graph`` every step is detached, so memory stays flat in the number of steps; with it the
+steps stay differentiable in ``theta`` (second-order MAML).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value
+
+from imaml_seg.config import InnerConfig
+from imaml_seg.losses import dice_bce_loss
+from imaml_seg.model import Params, forward
+
+SegLoss = Callable[[Tensor, Tensor], Tensor]
+"""(logits, target) -> scalar loss."""
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class AdaptResult:
+    """Adapted weights and the support loss along the way."""
+
+    params: Params
+    """Adapted weights phi (detached unless ``create_graph``); always finite."""
+    losses: list[float]
+    """Support loss (without the proximal term) at each step, before its update."""
+    final_loss: float = math.nan
+    """Support loss (without the proximal term) at the returned ``params``."""
+    status: str = "ok"
+    """'ok', or 'nonfinite' if a loss or gradient became NaN/Inf (then the last finite weights
+    are returned and the loop stopped early)."""
+
+
+def all_finite(tensors: Params) -> bool:
+    """True if no entry of any tensor is NaN or infinite (one device sync)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all())
+
+
+class _Step:
+    """One functional SGD or Adam update on a weight dict (state held per adapt() call)."""
+
+    def __init__(self, config: InnerConfig, params: Params) -> None:
+        if config.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown inner optimizer '{config.optimizer}' (use 'sgd' or 'adam')")
+        self.lr = config.inner_lr
+        self.adam = config.optimizer == "adam"
+        self.t = 0
+        if self.adam:
+            self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+            self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def __call__(self, params: Params, grads: Params) -> Params:
+        if not self.adam:
+            return {k: p - self.lr * grads[k] for k, p in params.items()}
+        b1, b2 = ADAM_BETAS
+        self.t += 1
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        out: Params = {}
+        for k, p in params.items():
+            g = grads[k]
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
+            # Clamped before the square root so that differentiating through the step
+            # (create_graph) at a zero gradient gives 0, not inf * 0 = NaN; the value is
+            # unchanged up to 1e-15, far below eps.  Not sqrt(v + eps^2): Adam's first step is
+            # g / (|g| + eps), whose derivative in g comes from eps alone, so the form matters.
+            denom = (self.v[k] / c2).clamp_min(1e-30).sqrt() + ADAM_EPS
+            out[k] = p - self.lr * (self.m[k] / c1) / denom
+        return out
+
+
+def adapt(
+    model: nn.Module,
+    theta: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    config: InnerConfig,
+    *,
+    proximal: bool = False,
+    create_graph: bool = False,
+    steps: int | None = None,
+    loss_fn: SegLoss = dice_bce_loss,
+) -> AdaptResult:
+    """Fine-tune ``theta`` on the support set: ``steps`` (default ``config.inner_steps``) updates.
+
+    Minimises ``loss_fn(forward(model, phi, support_x), support_y)``, plus
+    ``config.lam/2 ||phi - theta||^2`` if ``proximal`` (theta detached there: iMAML's phi depends
+    on theta only through the implicit gradient).  ``model`` may be any module whose forward maps
+    ``support_x`` to what ``loss_fn`` compares with ``support_y``.  With ``create_graph`` the
+    result is differentiable w.r.t. ``theta`` (whose tensors must then require grad).
+    """
+    n_steps = config.inner_steps if steps is None else steps
+    anchor = {k: t.detach() for k, t in theta.items()}
+
+    def task_loss(p: Params) -> Tensor:
+        return loss_fn(forward(model, p, support_x), support_y)
+
+    def objective(p: Params) -> tuple[Tensor, Tensor]:
+        loss = task_loss(p)
+        total = loss
+        if proximal:
+            prox = sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+            total = loss + 0.5 * config.lam * prox
+        return total, loss.detach()
+
+    if create_graph:
+        if not any(t.requires_grad for t in theta.values()):
+            raise ValueError("create_graph=True needs theta tensors that require grad")
+        phi = dict(theta)
+    else:
+        phi = anchor
+    step = _Step(config, phi)
+    losses: list[float] = []
+    previous: Params | None = None  # the weights before the last update (their loss was finite)
+    for _ in range(n_steps):
+        if create_graph:
+            total, loss = objective(phi)
+            grads = _grads_with_graph(total, phi)
+        else:
+            grads, (total, loss) = grad_and_value(objective, has_aux=True)(phi)
+        losses.append(float(loss))
+        if not math.isfinite(float(total.detach())):
+            if previous is None:
+                return AdaptResult(phi, losses, math.nan, "nonfinite")
+            return AdaptResult(previous, losses, losses[-2], "nonfinite")
+        if not all_finite(grads):
+            return AdaptResult(phi, losses, losses[-1], "nonfinite")
+        previous, phi = phi, step(phi, grads)
+        if not create_graph:
+            phi = {k: t.detach() for k, t in phi.items()}
+
+    with torch.no_grad():
+        final = float(task_loss(phi))
+    if not math.isfinite(final) and previous is not None:
+        return AdaptResult(previous, losses, losses[-1], "nonfinite")
+    return AdaptResult(phi, losses, final, "ok" if math.isfinite(final) else "nonfinite")
+
+
+def _grads_with_graph(total: Tensor, params: Params) -> Params:
+    """d total / d params, differentiable (create_graph); zeros where params do not enter."""
+    names = [k for k, t in params.items() if t.requires_grad]
+    if not math.isfinite(float(total.detach())) or not names:
+        return {k: torch.zeros_like(t) for k, t in params.items()}
+    found = torch.autograd.grad(
+        total, [params[k] for k in names], create_graph=True, allow_unused=True
+    )
+    grads = {k: torch.zeros_like(t) for k, t in params.items()}
+    grads.update({k: g for k, g in zip(names, found, strict=True) if g is not None})
+    return grads

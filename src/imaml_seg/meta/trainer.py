@@ -1,0 +1,291 @@
+"""The meta-training loop: seeded, logged, checkpointed, resumable, distributed-aware.
+
+``train(config, paths)`` learns the initialisation ``theta`` from the source datasets:
+
+* ``imaml | maml | fomaml | reptile``: meta-steps over meta-batches of tasks, each task's
+  meta-gradient from :func:`imaml_seg.meta.algorithms.meta_gradient`, averaged over the tasks that
+  came back finite, then one outer Adam step (plain SGD interpolation for Reptile);
+* ``transfer``: supervised training on the pooled source images (fine-tuned later by ``adapt()``);
+* ``scratch``: no training; the seeded random initialisation.
+
+Every ``checkpoint_every`` steps the run is saved atomically; ``resume=True`` continues from the
+last checkpoint and reaches the same ``theta`` as an uninterrupted run, because tasks depend on
+``(seed, step, index)`` alone and the optimiser state is saved with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from imaml_seg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from imaml_seg.config import RunConfig, to_dict
+from imaml_seg.data.cache import load_arrays
+from imaml_seg.data.tasks import TaskSampler, pooled_batch
+from imaml_seg.meta.algorithms import meta_gradient, supervised_grad
+from imaml_seg.meta.distributed import World, all_reduce_sum
+from imaml_seg.meta.inner import adapt
+from imaml_seg.metrics import dice
+from imaml_seg.model import Params, build_model, forward, get_params
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+
+
+class RunExistsError(RuntimeError):
+    """The output folder already holds a run and neither resume nor overwrite was asked."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a run reads data and writes its outputs."""
+
+    out_dir: Path
+    data_root: Path | None = None
+    cache_dir: Path | None = None
+
+
+def device_default() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def init_theta(config: RunConfig, device: torch.device) -> Params:
+    """The seeded random initialisation (or the warm start's weights)."""
+    torch.manual_seed(config.seed)
+    theta = get_params(build_model(config.model))
+    if config.meta.warm_start:
+        warm = load_checkpoint(config.meta.warm_start)
+        if warm.config.model != config.model:
+            raise ValueError(
+                f"{config.meta.warm_start}: warm start has model {warm.config.model}, "
+                f"the run asks for {config.model}"
+            )
+        theta = warm.theta
+    return {k: v.to(device) for k, v in theta.items()}
+
+
+@dataclass
+class OuterAdam:
+    """Adam on weight dicts, its state a plain dict of dicts so it checkpoints as tensors."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def init(self, theta: Params) -> dict[str, Params]:
+        return {
+            "m": {k: torch.zeros_like(v) for k, v in theta.items()},
+            "v": {k: torch.zeros_like(v) for k, v in theta.items()},
+        }
+
+    def step(self, theta: Params, grad: Params, state: dict[str, Params], t: int) -> Params:
+        """Apply update number ``t`` (1-based) in place of ``state``; return the new theta."""
+        b1, b2 = self.betas
+        out = {}
+        for k in theta:
+            state["m"][k].mul_(b1).add_(grad[k], alpha=1 - b1)
+            state["v"][k].mul_(b2).addcmul_(grad[k], grad[k], value=1 - b2)
+            m_hat = state["m"][k] / (1 - b1**t)
+            v_hat = state["v"][k] / (1 - b2**t)
+            out[k] = theta[k] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        return out
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed from."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def validation_dice(
+    model: torch.nn.Module, theta: Params, sampler: TaskSampler, config: RunConfig, n: int,
+    device: torch.device,
+) -> float:
+    """Mean query Dice after ``adapt()`` on ``n`` tasks from the sources' test pools."""
+    scores = []
+    for index in range(n):
+        task = sampler.sample(0, index)
+        phi = adapt(
+            model, theta, task.support_x.to(device), task.support_y.to(device), config.inner,
+            proximal=config.meta.algorithm == "imaml",
+        ).params
+        with torch.no_grad():
+            pred = torch.sigmoid(forward(model, phi, task.query_x.to(device))) > 0.5
+        scores.append(dice(pred.float().cpu(), task.query_y).mean().item())
+    return sum(scores) / len(scores)
+
+
+def train(
+    config: RunConfig,
+    paths: Paths,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    world: World | None = None,
+    device: torch.device | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Meta-train (or pretrain) ``theta`` on ``config.sources``; return the checkpoint path.
+
+    ``stop_after`` ends the run early after that many steps of this call (for tests and
+    time-boxed units); the checkpoint then holds the step reached and ``--resume`` continues.
+    """
+    world = world or World()
+    device = device or device_default()
+    out = paths.out_dir
+    ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    if ckpt_path.exists() and not resume and not overwrite:
+        raise RunExistsError(
+            f"{out}: holds a run already; pass --resume to continue it or --overwrite to replace it"
+        )
+    algorithm = config.meta.algorithm
+    model = build_model(config.model).to(device)
+    start, opt_state, state = 0, None, {}
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.config != config:
+            warnings.warn(f"{ckpt_path}: resuming with the checkpoint's own config", stacklevel=2)
+            config = ckpt.config
+        theta = {k: v.to(device) for k, v in ckpt.theta.items()}
+        start, state = ckpt.step, ckpt.state
+        opt_state = {s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()}
+        if world.is_main:
+            _truncate_log(log_path, start)
+    else:
+        theta = init_theta(config, device)
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            log_path.unlink(missing_ok=True)
+            (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+    total = {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(algorithm, config.meta.meta_steps)
+    if state.get("done") or start >= total:
+        if world.is_main and not ckpt_path.exists():
+            save_checkpoint(ckpt_path, Checkpoint(config, theta, start, {}, {"done": True}))
+        return ckpt_path
+
+    d = config.data
+    sources = [
+        load_arrays(s, d.resolution, data_root=paths.data_root, cache_dir=paths.cache_dir)
+        for s in config.sources
+    ]
+    common = dict(seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed)
+    sampler = TaskSampler(sources, shots=d.shots, query_size=d.query_size, augment=d.augment, **common)
+    val_sampler = TaskSampler(
+        sources, shots=d.shots, query_size=d.query_size, augment=False, pool="test",
+        **{**common, "seed": config.seed + 1},
+    )
+    adam = OuterAdam(config.meta.meta_lr)
+    if opt_state is None:
+        opt_state = adam.init(theta) if algorithm != "reptile" else {}
+
+    step_fn: Callable[[int], tuple[Params | None, dict[str, Any]]]
+    if algorithm == "transfer":
+        def step_fn(step: int) -> tuple[Params | None, dict[str, Any]]:
+            x, y = pooled_batch(sources, config.meta.pretrain_batch_size, step, augment=d.augment, **common)
+            grad, loss = supervised_grad(model, theta, x.to(device), y.to(device))
+            return grad, {"loss": loss}
+    else:
+        def step_fn(step: int) -> tuple[Params | None, dict[str, Any]]:
+            return _meta_step(model, theta, sampler, config, step, world, device)
+
+    bar = tqdm(
+        range(start, total), initial=start, total=total, desc=f"{algorithm} {out.name}",
+        disable=quiet or not world.is_main, unit="step",
+    )
+    done_here = 0
+    for step in bar:
+        t0 = time.perf_counter()
+        grad, record = step_fn(step)
+        if grad is not None:
+            if algorithm == "reptile":
+                theta = {k: theta[k] - config.meta.reptile_lr * grad[k] for k in theta}
+            else:
+                theta = adam.step(theta, grad, opt_state, step + 1)
+        record.update(step=step + 1, phase=algorithm, seconds=round(time.perf_counter() - t0, 3))
+        last = step + 1 == total
+        if world.is_main and config.meta.val_every and ((step + 1) % config.meta.val_every == 0 or last):
+            record["val_dice"] = validation_dice(
+                model, theta, val_sampler, config, config.meta.val_tasks, device
+            )
+        if world.is_main:
+            _log(log_path, record)
+            bar.set_postfix({k: v for k, v in record.items() if k in ("loss", "query_loss", "val_dice")})
+        done_here += 1
+        stop = stop_after is not None and done_here >= stop_after
+        if world.is_main and (last or stop or (step + 1) % config.meta.checkpoint_every == 0):
+            save_checkpoint(
+                ckpt_path, Checkpoint(config, theta, step + 1, opt_state, {"done": last})
+            )
+        if stop:
+            break
+    bar.close()
+    if world.is_main:
+        from imaml_seg.plots import learning_curve
+
+        learning_curve(log_path, out / "learning_curve.png")
+    return ckpt_path
+
+
+def _meta_step(
+    model: torch.nn.Module, theta: Params, sampler: TaskSampler, config: RunConfig, step: int,
+    world: World, device: torch.device,
+) -> tuple[Params | None, dict[str, Any]]:
+    """Average this meta-batch's finite task meta-gradients over all ranks."""
+    leaf = {k: v.detach().requires_grad_(config.meta.algorithm == "maml") for k, v in theta.items()}
+    total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # ok tasks, query loss, cg res, skipped
+    for index in world.my_tasks(config.meta.meta_batch_size):
+        task = sampler.sample(step, index)
+        task = type(task)(*(t.to(device) for t in (task.support_x, task.support_y,
+                                                     task.query_x, task.query_y)), task.dataset)
+        result = meta_gradient(config.meta.algorithm, model, leaf, task, config)
+        if not result.ok:
+            warnings.warn(
+                f"step {step + 1}: task {index} ({task.dataset}) skipped: {result.stats}",
+                stacklevel=2,
+            )
+            sums[3] += 1
+            continue
+        for k in total:
+            total[k] += result.grad[k].detach()
+        sums[0] += 1
+        sums[1] += result.query_loss
+        sums[2] += float(result.stats.get("cg_residual", 0.0))
+    tensors = list(total.values()) + [sums]
+    all_reduce_sum(tensors, world)
+    ok, skipped = int(sums[0].item()), int(sums[3].item())
+    record: dict[str, Any] = {"tasks": ok, "skipped": skipped}
+    if ok == 0:
+        return None, record
+    record["query_loss"] = sums[1].item() / ok
+    if config.meta.algorithm == "imaml":
+        record["cg_residual"] = sums[2].item() / ok
+    grad = {k: v / ok for k, v in total.items()}
+    if not all(torch.isfinite(v).all() for v in grad.values()) or not math.isfinite(record["query_loss"]):
+        record["skipped"] += ok
+        return None, record
+    return grad, record
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+

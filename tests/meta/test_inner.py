@@ -1,0 +1,177 @@
+"""adapt(): the inner loop's updates, graph handling, proximal fixed point and guards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from imaml_seg.config import InnerConfig, ModelConfig
+from imaml_seg.losses import dice_bce_loss
+from imaml_seg.meta.inner import adapt
+from imaml_seg.model import build_model, forward, get_params
+
+
+def sum_squares(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((output - target) ** 2).sum()
+
+
+def _linear_problem(d: int = 5, n: int = 8, seed: int = 0):
+    """A linear model ``y = X w``: its loss 1/2 ||X w - y||^2 is a quadratic with A = X^T X."""
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Linear(d, 1, bias=False).double()
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    theta = {"weight": torch.randn(1, d, generator=gen, dtype=torch.float64)}
+    return net, x, y, theta
+
+
+def test_proximal_adapt_reaches_closed_form_fixed_point() -> None:
+    net, x, y, theta = _linear_problem()
+    lam = 0.7
+    a = x.T @ x
+    expected = torch.linalg.solve(
+        a + lam * torch.eye(5, dtype=torch.float64), x.T @ y[:, 0] + lam * theta["weight"][0]
+    )
+    eig = torch.linalg.eigvalsh(a) + lam
+    lr = 2.0 / float(eig.max() + eig.min())  # gradient descent's fastest fixed step
+    config = InnerConfig(inner_steps=1000, inner_lr=lr, lam=lam)
+    result = adapt(net, theta, x, y, config, proximal=True, loss_fn=sum_squares)
+    assert result.status == "ok"
+    assert torch.allclose(result.params["weight"][0], expected, atol=1e-10)
+    assert result.losses[0] == pytest.approx(float(sum_squares(x @ theta["weight"].T, y)))
+    assert result.final_loss == pytest.approx(float(sum_squares(x @ expected[:, None], y)))
+
+
+def test_sgd_step_is_plain_gradient_descent() -> None:
+    net, x, y, theta = _linear_problem()
+    result = adapt(net, theta, x, y, InnerConfig(inner_lr=0.01), steps=1, loss_fn=sum_squares)
+    w = theta["weight"]
+    grad = (x @ w.T - y).T @ x
+    assert torch.allclose(result.params["weight"], w - 0.01 * grad, atol=1e-14)
+    assert len(result.losses) == 1
+
+
+def test_adam_matches_torch_optim_adam(tiny_net, blobs) -> None:
+    net = tiny_net()
+    theta = get_params(net)
+    x, y = blobs(2, 8, dtype=torch.float64)
+    config = InnerConfig(inner_steps=5, inner_lr=0.05, optimizer="adam")
+    result = adapt(net, theta, x, y, config)
+    reference = {k: t.clone().requires_grad_() for k, t in theta.items()}
+    optimiser = torch.optim.Adam(reference.values(), lr=0.05)
+    for _ in range(5):
+        optimiser.zero_grad()
+        dice_bce_loss(forward(net, reference, x), y).backward()
+        optimiser.step()
+    for k in theta:
+        assert torch.allclose(result.params[k], reference[k].detach(), atol=1e-12), k
+
+
+def test_graph_only_with_create_graph(tiny_net, blobs) -> None:
+    net = tiny_net()
+    leaf = {k: t.requires_grad_() for k, t in get_params(net).items()}
+    x, y = blobs(2, 8, dtype=torch.float64)
+    config = InnerConfig(inner_steps=2, inner_lr=0.1)
+    detached = adapt(net, leaf, x, y, config)
+    assert all(t.grad_fn is None and not t.requires_grad for t in detached.params.values())
+    graphed = adapt(net, leaf, x, y, config, create_graph=True)
+    assert all(t.grad_fn is not None for t in graphed.params.values())
+    for k in leaf:  # same numbers either way
+        assert torch.allclose(graphed.params[k].detach(), detached.params[k])
+
+
+def test_create_graph_needs_theta_that_requires_grad(tiny_net, blobs) -> None:
+    net = tiny_net()
+    x, y = blobs(1, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="require grad"):
+        adapt(net, get_params(net), x, y, InnerConfig(), create_graph=True)
+
+
+def test_steps_override_and_zero_steps(tiny_net, blobs) -> None:
+    net = tiny_net()
+    theta = get_params(net)
+    x, y = blobs(2, 8, dtype=torch.float64)
+    assert len(adapt(net, theta, x, y, InnerConfig(inner_steps=7), steps=3).losses) == 3
+    none = adapt(net, theta, x, y, InnerConfig(inner_steps=7), steps=0)
+    assert none.losses == [] and none.status == "ok"
+    assert all(torch.equal(none.params[k], theta[k]) for k in theta)
+    assert none.final_loss == pytest.approx(float(dice_bce_loss(forward(net, theta, x), y)))
+
+
+def test_theta_is_left_untouched(tiny_net, blobs) -> None:
+    net = tiny_net()
+    theta = get_params(net)
+    before = {k: t.clone() for k, t in theta.items()}
+    x, y = blobs(2, 8, dtype=torch.float64)
+    adapt(net, theta, x, y, InnerConfig(inner_steps=3, optimizer="adam"), proximal=True)
+    assert all(torch.equal(theta[k], before[k]) for k in theta)
+
+
+def test_nan_in_data_stops_and_returns_finite_weights(tiny_net, blobs) -> None:
+    net = tiny_net()
+    theta = get_params(net)
+    x, y = blobs(2, 8, dtype=torch.float64)
+    x[1, 0, 3, 3] = math.nan
+    result = adapt(net, theta, x, y, InnerConfig(inner_steps=5))
+    assert result.status == "nonfinite"
+    assert len(result.losses) == 1 and math.isnan(result.losses[0])
+    assert all(torch.equal(result.params[k], theta[k]) for k in theta)
+
+
+def test_loss_turning_nonfinite_returns_last_finite_weights() -> None:
+    net, x, y, theta = _linear_problem()
+    calls = []
+
+    def flaky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = sum_squares(output, target)
+        return loss if len(calls) <= 3 else loss * math.inf
+
+    config = InnerConfig(inner_steps=10, inner_lr=0.01)
+    result = adapt(net, theta, x, y, config, loss_fn=flaky)
+    assert result.status == "nonfinite"
+    assert len(result.losses) == 4 and not math.isfinite(result.losses[-1])
+    # Weights after two updates: the ones whose loss (the third call) was still finite.
+    expected = adapt(net, theta, x, y, config, steps=2, loss_fn=sum_squares)
+    assert torch.allclose(result.params["weight"], expected.params["weight"])
+    assert result.final_loss == pytest.approx(result.losses[-2])
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.5), ("adam", 0.01)])
+def test_sgd_and_adam_lower_the_loss_of_a_small_unet(blobs, optimizer: str, lr: float) -> None:
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(features=(4, 4, 8, 8, 16, 4)))
+    theta = get_params(net)
+    x, y = blobs(3, 32, seed=2)
+    config = InnerConfig(inner_steps=8, inner_lr=lr, optimizer=optimizer, lam=1.0)
+    for proximal in (False, True):
+        result = adapt(net, theta, x, y, config, proximal=proximal)
+        assert result.status == "ok"
+        assert result.final_loss < result.losses[0] - 0.02, (optimizer, proximal, result.losses)
+
+
+class _WithUnusedWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.used
+
+
+def test_differentiating_adam_through_a_zero_gradient_gives_no_nan() -> None:
+    net = _WithUnusedWeight()
+    leaf = {k: t.detach().clone().requires_grad_() for k, t in net.named_parameters()}
+    x = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
+    config = InnerConfig(inner_steps=3, inner_lr=0.1, optimizer="adam")
+    result = adapt(
+        net, leaf, x, torch.zeros_like(x), config, create_graph=True, loss_fn=sum_squares
+    )
+    outer = sum_squares(forward(net, result.params, x), torch.ones_like(x))
+    grads = torch.autograd.grad(outer, list(leaf.values()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert torch.equal(result.params["unused"], leaf["unused"])

@@ -1,0 +1,121 @@
+"""The command line as a user meets it: outputs, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imaml_seg.cli import main
+from tests.data.datafiles import generic_tree
+
+TINY = str(Path(__file__).parent / "fixtures" / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(["meta-train", "--config", TINY, "--out", str(out), "-q"]) == 0
+    return out / "checkpoint.safetensors"
+
+
+def error_of(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_datasets_lists_the_real_data(real_data_root, capsys) -> None:
+    assert main(["datasets", "--data-root", str(real_data_root), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    counts = {name: rows[name]["pairs"] for name in rows}
+    assert counts == {"Kvasir-SEG": 1000, "CVC-ClinicDB": 612, "ISIC2018": 1297, "DRIVE": 40}
+    assert main(["datasets", "--data-root", str(real_data_root)]) == 0
+    text = capsys.readouterr().out
+    assert "Kvasir-SEG" in text and "1297" in text
+
+
+def test_meta_train_refuses_to_overwrite_a_run(tiny_model, capsys) -> None:
+    err = error_of(capsys, ["meta-train", "--config", TINY, "--out", str(tiny_model.parent), "-q"])
+    assert "--resume" in err and str(tiny_model.parent) in err
+
+
+def test_adapt_then_predict_writes_masks_overlays_and_areas(tiny_model, tmp_path, capsys) -> None:
+    support = generic_tree(tmp_path / "support", n=3, h=40, w=52)
+    images = generic_tree(tmp_path / "new", n=2, h=30, w=44) / "images"
+    adapted = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support),
+                 "--out", str(adapted), "-q"]) == 0
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(adapted), "--images", str(images),
+                 "--out", str(out), "-q"]) == 0
+    for stem in ("case0", "case1"):
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        assert mask.shape == (30, 44) and set(np.unique(mask)) <= {0, 255}
+        assert (out / "overlays" / f"{stem}.png").is_file()
+    rows = list(csv.DictReader(open(out / "areas.csv")))
+    assert [r["image"] for r in rows] == ["case0.png", "case1.png"]
+    assert all(0 <= float(r["lesion_fraction"]) <= 1 for r in rows)
+    # A second run must not overwrite without being asked ...
+    before = (out / "masks" / "case0.png").stat().st_mtime_ns
+    err = error_of(capsys, ["predict", "--model", str(adapted), "--images", str(images),
+                            "--out", str(out), "-q"])
+    assert "--overwrite" in err and (out / "masks" / "case0.png").stat().st_mtime_ns == before
+    # ... and does with --overwrite.
+    assert main(["predict", "--model", str(adapted), "--images", str(images), "--out", str(out),
+                 "--overwrite", "-q"]) == 0
+    # adapt refuses to replace its output too.
+    assert "--overwrite" in error_of(capsys, ["adapt", "--model", str(tiny_model), "--support",
+                                              str(support), "--out", str(adapted), "-q"])
+
+
+def test_predict_refuses_output_inside_input_and_bad_images(tiny_model, tmp_path, capsys) -> None:
+    images = generic_tree(tmp_path / "set", n=2) / "images"
+    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
+                            "--out", str(images / "out"), "-q"])
+    assert "inside the input folder" in err
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
+                            "--out", str(tmp_path / "o"), "-q"])
+    assert "broken.png" in err
+    assert not (tmp_path / "o").exists()  # nothing written when an input is bad
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all" * 5])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, content) -> None:
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(content)
+    images = generic_tree(tmp_path / "set", n=1) / "images"
+    err = error_of(capsys, ["predict", "--model", str(bad), "--images", str(images),
+                            "--out", str(tmp_path / "o"), "-q"])
+    assert "model.safetensors" in err
+
+
+def test_bad_support_folder_and_missing_data_root(tiny_model, tmp_path, capsys, monkeypatch) -> None:
+    support = generic_tree(tmp_path / "support", n=2)
+    (support / "masks" / "case1.png").unlink()
+    err = error_of(capsys, ["adapt", "--model", str(tiny_model), "--support", str(support),
+                            "--out", str(tmp_path / "a.safetensors"), "-q"])
+    assert "case1" in err
+    monkeypatch.delenv("IMAML_SEG_DATA", raising=False)
+    assert "--data-root" in error_of(capsys, ["datasets"])
+
+
+def test_evaluate_json_reports_per_draw_scores(tiny_model, capsys) -> None:
+    assert main(["evaluate", str(tiny_model), "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["records"]) == 2  # 1 shot count x 2 draws
+    assert all(0 <= r["dice"] <= 1 for r in out["records"])
+
+
+def test_every_command_has_help_with_an_example(capsys) -> None:
+    for command in ("datasets", "meta-train", "evaluate", "adapt", "predict", "demo", "experiment"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "example:" in capsys.readouterr().out
