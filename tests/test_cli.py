@@ -49,11 +49,26 @@ def test_adapt_then_predict_writes_masks_overlays_and_areas(tiny_model, tmp_path
     support = generic_tree(tmp_path / "support", n=3, h=40, w=52)
     images = generic_tree(tmp_path / "new", n=2, h=30, w=44) / "images"
     adapted = tmp_path / "adapted.safetensors"
-    assert main(["adapt", "--model", str(tiny_model), "--support", str(support),
-                 "--out", str(adapted), "-q"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(tiny_model),
+                "--support",
+                str(support),
+                "--out",
+                str(adapted),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "pred"
-    assert main(["predict", "--model", str(adapted), "--images", str(images),
-                 "--out", str(out), "-q"]) == 0
+    assert (
+        main(["predict", "--model", str(adapted), "--images", str(images), "--out", str(out), "-q"])
+        == 0
+    )
     for stem in ("case0", "case1"):
         mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
         assert mask.shape == (30, 44) and set(np.unique(mask)) <= {0, 255}
@@ -63,25 +78,74 @@ def test_adapt_then_predict_writes_masks_overlays_and_areas(tiny_model, tmp_path
     assert all(0 <= float(r["lesion_fraction"]) <= 1 for r in rows)
     # A second run must not overwrite without being asked ...
     before = (out / "masks" / "case0.png").stat().st_mtime_ns
-    err = error_of(capsys, ["predict", "--model", str(adapted), "--images", str(images),
-                            "--out", str(out), "-q"])
+    err = error_of(
+        capsys,
+        ["predict", "--model", str(adapted), "--images", str(images), "--out", str(out), "-q"],
+    )
     assert "--overwrite" in err and (out / "masks" / "case0.png").stat().st_mtime_ns == before
     # ... and does with --overwrite.
-    assert main(["predict", "--model", str(adapted), "--images", str(images), "--out", str(out),
-                 "--overwrite", "-q"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(adapted),
+                "--images",
+                str(images),
+                "--out",
+                str(out),
+                "--overwrite",
+                "-q",
+            ]
+        )
+        == 0
+    )
     # adapt refuses to replace its output too.
-    assert "--overwrite" in error_of(capsys, ["adapt", "--model", str(tiny_model), "--support",
-                                              str(support), "--out", str(adapted), "-q"])
+    assert "--overwrite" in error_of(
+        capsys,
+        [
+            "adapt",
+            "--model",
+            str(tiny_model),
+            "--support",
+            str(support),
+            "--out",
+            str(adapted),
+            "-q",
+        ],
+    )
 
 
 def test_predict_refuses_output_inside_input_and_bad_images(tiny_model, tmp_path, capsys) -> None:
     images = generic_tree(tmp_path / "set", n=2) / "images"
-    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
-                            "--out", str(images / "out"), "-q"])
+    err = error_of(
+        capsys,
+        [
+            "predict",
+            "--model",
+            str(tiny_model),
+            "--images",
+            str(images),
+            "--out",
+            str(images / "out"),
+            "-q",
+        ],
+    )
     assert "inside the input folder" in err
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
-                            "--out", str(tmp_path / "o"), "-q"])
+    err = error_of(
+        capsys,
+        [
+            "predict",
+            "--model",
+            str(tiny_model),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ],
+    )
     assert "broken.png" in err
     assert not (tmp_path / "o").exists()  # nothing written when an input is bad
 
@@ -91,16 +155,40 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, content) -> None:
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(content)
     images = generic_tree(tmp_path / "set", n=1) / "images"
-    err = error_of(capsys, ["predict", "--model", str(bad), "--images", str(images),
-                            "--out", str(tmp_path / "o"), "-q"])
+    err = error_of(
+        capsys,
+        [
+            "predict",
+            "--model",
+            str(bad),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ],
+    )
     assert "model.safetensors" in err
 
 
-def test_bad_support_folder_and_missing_data_root(tiny_model, tmp_path, capsys, monkeypatch) -> None:
+def test_bad_support_folder_and_missing_data_root(
+    tiny_model, tmp_path, capsys, monkeypatch
+) -> None:
     support = generic_tree(tmp_path / "support", n=2)
     (support / "masks" / "case1.png").unlink()
-    err = error_of(capsys, ["adapt", "--model", str(tiny_model), "--support", str(support),
-                            "--out", str(tmp_path / "a.safetensors"), "-q"])
+    err = error_of(
+        capsys,
+        [
+            "adapt",
+            "--model",
+            str(tiny_model),
+            "--support",
+            str(support),
+            "--out",
+            str(tmp_path / "a.safetensors"),
+            "-q",
+        ],
+    )
     assert "case1" in err
     monkeypatch.delenv("IMAML_SEG_DATA", raising=False)
     assert "--data-root" in error_of(capsys, ["datasets"])

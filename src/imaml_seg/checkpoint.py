@@ -49,7 +49,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"theta/{k}": v.detach().contiguous().cpu() for k, v in checkpoint.theta.items()}
     for slot, params in checkpoint.optimizer_state.items():
-        tensors.update({f"opt/{slot}/{k}": v.detach().contiguous().cpu() for k, v in params.items()})
+        tensors.update(
+            {f"opt/{slot}/{k}": v.detach().contiguous().cpu() for k, v in params.items()}
+        )
     metadata = {
         "format": FORMAT,
         "version": __version__,
@@ -84,7 +86,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an imaml-seg checkpoint (format {metadata.get('format')})")
+        raise CheckpointError(
+            f"{path}: not an imaml-seg checkpoint (format {metadata.get('format')})"
+        )
     try:
         config = from_dict(json.loads(metadata["config"]), where=f"{path} config")
         step = int(metadata.get("step", "0"))
@@ -92,17 +96,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (KeyError, ValueError, TypeError, ConfigError) as err:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({err})") from None
     theta = {k[len("theta/") :]: v for k, v in tensors.items() if k.startswith("theta/")}
-    check_architecture(theta, config, path)
+    order = check_architecture(theta, config, path)
     optimizer_state: dict[str, Params] = {}
-    for key, value in tensors.items():
+    for key in tensors:
         if key.startswith("opt/"):
-            _, slot, name = key.split("/", 2)
-            optimizer_state.setdefault(slot, {})[name] = value
+            optimizer_state.setdefault(key.split("/", 2)[1], {})
+    # safetensors sorts names; restore the model's order, which fixes summation order downstream
+    theta = {k: theta[k] for k in order}
+    try:
+        optimizer_state = {s: {k: tensors[f"opt/{s}/{k}"] for k in order} for s in optimizer_state}
+    except KeyError as err:
+        raise CheckpointError(f"{path}: optimiser state lacks {err}") from None
     return Checkpoint(config, theta, step, optimizer_state, state)
 
 
-def check_architecture(theta: Params, config: RunConfig, path: str | Path = "checkpoint") -> None:
-    """Raise CheckpointError unless ``theta`` has exactly the model's names and shapes."""
+def check_architecture(
+    theta: Params, config: RunConfig, path: str | Path = "checkpoint"
+) -> list[str]:
+    """Raise CheckpointError unless ``theta`` has exactly the model's names and shapes.
+
+    Returns the model's parameter names in its own order."""
     expected = {k: tuple(p.shape) for k, p in build_model(config.model).named_parameters()}
     found = {k: tuple(v.shape) for k, v in theta.items()}
     if expected != found:
@@ -117,4 +130,4 @@ def check_architecture(theta: Params, config: RunConfig, path: str | Path = "che
     for name, value in theta.items():
         if not torch.isfinite(value).all():
             raise CheckpointError(f"{path}: weight '{name}' holds NaN or Inf")
-
+    return list(expected)

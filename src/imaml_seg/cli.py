@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from imaml_seg import __version__
 from imaml_seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from imaml_seg.config import ConfigError, RunConfig, load, merge
@@ -25,7 +24,7 @@ SHIPPED = "shipped"
 EXAMPLES = {
     "datasets": "imaml-seg datasets --data-root ../shared/data",
     "meta-train": "imaml-seg meta-train --preset cpu --algorithm imaml "
-                  "--sources Kvasir-SEG ISIC2018 DRIVE --out runs/imaml",
+    "--sources Kvasir-SEG ISIC2018 DRIVE --out runs/imaml",
     "evaluate": "imaml-seg evaluate runs/imaml --target CVC-ClinicDB --shots 1 5 10 --draws 20",
     "adapt": "imaml-seg adapt --model shipped --support my_cases/ --out my_model.safetensors",
     "predict": "imaml-seg predict --model my_model.safetensors --images new_cases/ --out masks/",
@@ -40,8 +39,10 @@ class UsageError(ValueError):
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the datasets (default: $IMAML_SEG_DATA)")
-    p.add_argument("--cache-dir", help="cache of preprocessed arrays "
-                   "(default: $IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+    p.add_argument(
+        "--cache-dir",
+        help="cache of preprocessed arrays (default: $IMAML_SEG_CACHE or ~/.cache/imaml-seg)",
+    )
 
 
 def _paths(args: argparse.Namespace, out: Path | None = None):
@@ -105,8 +106,15 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     device = device_default()
     world = init_from_env(device)
     try:
-        path = train(config, _paths(args, Path(args.out)), resume=args.resume,
-                     overwrite=args.overwrite, quiet=args.quiet, world=world, device=device)
+        path = train(
+            config,
+            _paths(args, Path(args.out)),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            world=world,
+            device=device,
+        )
     finally:
         shutdown(world)
     if world.is_main and not args.quiet:
@@ -118,8 +126,13 @@ def _load_target(spec: str, config: RunConfig, args: argparse.Namespace):
     from imaml_seg.data.cache import load_arrays
 
     paths = _paths(args)
-    return load_arrays(spec, config.data.resolution, data_root=paths.data_root,
-                       cache_dir=paths.cache_dir, progress=not args.quiet)
+    return load_arrays(
+        spec,
+        config.data.resolution,
+        data_root=paths.data_root,
+        cache_dir=paths.cache_dir,
+        progress=not args.quiet,
+    )
 
 
 def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
@@ -131,9 +144,13 @@ def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
     device = device_default()
     c = ckpt.config
     return AdaptedModel(
-        name, build_model(c.model).to(device), {k: v.to(device) for k, v in ckpt.theta.items()},
-        c.inner, steps if steps is not None else c.eval.inner_steps,
-        proximal=c.meta.algorithm == "imaml", device=device,
+        name,
+        build_model(c.model).to(device),
+        {k: v.to(device) for k, v in ckpt.theta.items()},
+        c.inner,
+        steps if steps is not None else c.eval.inner_steps,
+        proximal=c.meta.algorithm == "imaml",
+        device=device,
     )
 
 
@@ -145,18 +162,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = resolve_model(args.model)
     config = ckpt.config
     target = _load_target(args.target or config.target, config, args)
-    ev = replace(config.eval, shots=tuple(args.shots) if args.shots else config.eval.shots,
-                 draws=args.draws or config.eval.draws)
+    ev = replace(
+        config.eval,
+        shots=tuple(args.shots) if args.shots else config.eval.shots,
+        draws=args.draws or config.eval.draws,
+    )
     method = method_for(ckpt, config.meta.algorithm, args.inner_steps)
     records = evaluate([method], target, config.data, ev, seed=args.seed, quiet=args.quiet)
     summary = summarise(records)
     if args.json:
-        print(json.dumps({"records": records, "summary": {f"{m}@{k}": v for (m, k), v in
-                                                           summary.items()}}))
+        print(
+            json.dumps(
+                {"records": records, "summary": {f"{m}@{k}": v for (m, k), v in summary.items()}}
+            )
+        )
     else:
         for (m, k), s in sorted(summary.items()):
-            print(f"{m:10s} {target.name:14s} {k:2d}-shot Dice {s['mean']:.3f} "
-                  f"(95% CI {s['ci_low']:.3f}-{s['ci_high']:.3f}, {s['draws']} draws)")
+            print(
+                f"{m:10s} {target.name:14s} {k:2d}-shot Dice {s['mean']:.3f} "
+                f"(95% CI {s['ci_low']:.3f}-{s['ci_high']:.3f}, {s['draws']} draws)"
+            )
     return 0
 
 
@@ -169,16 +194,26 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out}: exists; pass --overwrite to replace it")
-    support = load_arrays(args.support, ckpt.config.data.resolution, data_root=None,
-                          cache_dir=_paths(args).cache_dir, progress=not args.quiet)
+    support = load_arrays(
+        args.support,
+        ckpt.config.data.resolution,
+        data_root=None,
+        cache_dir=_paths(args).cache_dir,
+        progress=not args.quiet,
+    )
     method = method_for(ckpt, "adapted", args.inner_steps)
     t0 = time.perf_counter()
     phi = method.adapt(torch.from_numpy(support.images), torch.from_numpy(support.masks))
     seconds = time.perf_counter() - t0
-    state = {"adapted_from": str(args.model), "support": str(Path(args.support).resolve()),
-             "shots": len(support.names), "seconds": round(seconds, 2)}
-    save_checkpoint(out, Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()}, 0, {},
-                                    state))
+    state = {
+        "adapted_from": str(args.model),
+        "support": str(Path(args.support).resolve()),
+        "shots": len(support.names),
+        "seconds": round(seconds, 2),
+    }
+    save_checkpoint(
+        out, Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()}, 0, {}, state)
+    )
     if not args.quiet:
         print(f"adapted on {len(support.names)} images in {seconds:.1f} s -> {out}")
     return 0
@@ -193,13 +228,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         from imaml_seg.data.cache import load_arrays
 
-        support = load_arrays(args.support, ckpt.config.data.resolution, data_root=None,
-                              cache_dir=_paths(args).cache_dir, progress=not args.quiet)
+        support = load_arrays(
+            args.support,
+            ckpt.config.data.resolution,
+            data_root=None,
+            cache_dir=_paths(args).cache_dir,
+            progress=not args.quiet,
+        )
         phi = method_for(ckpt, "adapted", args.inner_steps).adapt(
-            torch.from_numpy(support.images), torch.from_numpy(support.masks))
+            torch.from_numpy(support.images), torch.from_numpy(support.masks)
+        )
         ckpt = Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()})
-    rows = predict_folder(ckpt, Path(args.images), Path(args.out), overwrite=args.overwrite,
-                          quiet=args.quiet, threshold=args.threshold)
+    rows = predict_folder(
+        ckpt,
+        Path(args.images),
+        Path(args.out),
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        threshold=args.threshold,
+    )
     if not args.quiet:
         print(f"{len(rows)} masks, overlays and areas.csv written to {args.out}")
     return 0
@@ -208,16 +255,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from imaml_seg.demo import run_demo
 
-    run_demo(_paths(args, Path(args.out)), preset=args.preset, real=args.data_root is not None,
-             quiet=args.quiet, overwrite=args.overwrite)
+    run_demo(
+        _paths(args, Path(args.out)),
+        preset=args.preset,
+        real=args.data_root is not None,
+        quiet=args.quiet,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from imaml_seg.experiment import run_experiment
 
-    run_experiment(Path(args.spec), _paths(args, Path(args.out) if args.out else None),
-                   quiet=args.quiet, only=args.only)
+    run_experiment(
+        Path(args.spec),
+        _paths(args, Path(args.out) if args.out else None),
+        quiet=args.quiet,
+        only=args.only,
+    )
     return 0
 
 
@@ -234,9 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_,
-                           epilog=f"example:\n  {EXAMPLES[name]}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         return p
 
@@ -318,11 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.quiet:
                 warnings.simplefilter("ignore")
             return args.func(args)
-    except (DataError, ConfigError, CheckpointError, UsageError, RunExistsError,
-            FileExistsError) as err:
+    except (
+        DataError,
+        ConfigError,
+        CheckpointError,
+        UsageError,
+        RunExistsError,
+        FileExistsError,
+    ) as err:
         print(f"imaml-seg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"imaml-seg {args.command}: interrupted", file=sys.stderr)
         return 130
-

@@ -38,17 +38,37 @@ def trained_methods(config: RunConfig, paths: Paths, *, quiet: bool) -> list[Ada
             theta = init_theta(run, device)
         else:
             ckpt: Checkpoint = load_checkpoint(
-                train(run, replace(paths, out_dir=paths.out_dir / name), resume=True, quiet=quiet,
-                      device=device)
+                train(
+                    run,
+                    replace(paths, out_dir=paths.out_dir / name),
+                    resume=True,
+                    quiet=quiet,
+                    device=device,
+                )
             )
             theta = {k: v.to(device) for k, v in ckpt.theta.items()}
-        methods.append(AdaptedModel(name, model, theta, run.inner, run.eval.inner_steps,
-                                    proximal=name == "imaml", device=device))
+        methods.append(
+            AdaptedModel(
+                name,
+                model,
+                theta,
+                run.inner,
+                run.eval.inner_steps,
+                proximal=name == "imaml",
+                device=device,
+            )
+        )
     return methods
 
 
-def run_demo(paths: Paths, *, preset: str | None = None, real: bool = False, quiet: bool = False,
-             overwrite: bool = False) -> dict:
+def run_demo(
+    paths: Paths,
+    *,
+    preset: str | None = None,
+    real: bool = False,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Run the demo into ``paths.out_dir``; print and return the Dice table."""
     config = load(preset or ("demo-real" if real else "demo"))
     out = paths.out_dir
@@ -57,8 +77,9 @@ def run_demo(paths: Paths, *, preset: str | None = None, real: bool = False, qui
             (out / child / "checkpoint.safetensors").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     methods = trained_methods(config, paths, quiet=quiet)
-    target = load_arrays(config.target, config.data.resolution, data_root=paths.data_root,
-                         cache_dir=paths.cache_dir)
+    target = load_arrays(
+        config.target, config.data.resolution, data_root=paths.data_root, cache_dir=paths.cache_dir
+    )
     records = evaluate(methods, target, config.data, config.eval, seed=config.seed, quiet=quiet)
     summary = summarise(records)
     iou = summarise(records, "iou")
@@ -70,14 +91,22 @@ def run_demo(paths: Paths, *, preset: str | None = None, real: bool = False, qui
     ]
     for name in METHODS:
         s = summary[(name, k)]
-        lines.append(f"{name:10s} {s['mean']:6.3f} {s['ci_low']:6.3f}-{s['ci_high']:.3f} "
-                     f"{iou[(name, k)]['mean']:6.3f}")
+        lines.append(
+            f"{name:10s} {s['mean']:6.3f} {s['ci_low']:6.3f}-{s['ci_high']:.3f} "
+            f"{iou[(name, k)]['mean']:6.3f}"
+        )
     table = "\n".join(lines)
     print(table)
     figure = _overlay_figure(methods, target, config, out / "overlays.png")
-    result = {"config": preset or ("demo-real" if real else "demo"), "target": target.name,
-              "shots": k, "summary": {f"{m}@{s}": v for (m, s), v in summary.items()},
-              "records": records, "table": table, "figure": str(figure)}
+    result = {
+        "config": preset or ("demo-real" if real else "demo"),
+        "target": target.name,
+        "shots": k,
+        "summary": {f"{m}@{s}": v for (m, s), v in summary.items()},
+        "records": records,
+        "table": table,
+        "figure": str(figure),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     if not quiet:
         print(f"overlays: {figure}\nresults: {out / 'results.json'}")
@@ -87,15 +116,29 @@ def run_demo(paths: Paths, *, preset: str | None = None, real: bool = False, qui
 def _overlay_figure(methods: list[AdaptedModel], target, config: RunConfig, png: Path) -> Path:
     """Predictions of every method after adapting on draw 0, on six test images."""
     d = config.data
-    support_x, support_y = draw_support(target, config.eval.shots[0], 0, seed=config.seed,
-                                        test_fraction=d.test_fraction, split_seed=d.split_seed)
-    test_x, test_y = test_pool(target, test_fraction=d.test_fraction, split_seed=d.split_seed,
-                               size=6, seed=config.seed)
+    support_x, support_y = draw_support(
+        target,
+        config.eval.shots[0],
+        0,
+        seed=config.seed,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+    )
+    test_x, test_y = test_pool(
+        target, test_fraction=d.test_fraction, split_seed=d.split_seed, size=6, seed=config.seed
+    )
     rows = []
     for method in methods:
-        logits = predict_logits(method.model, method.adapt(support_x, support_y), test_x,
-                                method.device)
-        rows.append((method.name, test_x.numpy(), (logits[:, 0] > 0).numpy(),
-                     test_y[:, 0].numpy().astype(bool)))
+        logits = predict_logits(
+            method.model, method.adapt(support_x, support_y), test_x, method.device
+        )
+        rows.append(
+            (
+                method.name,
+                test_x.numpy(),
+                (logits[:, 0] > 0).numpy(),
+                test_y[:, 0].numpy().astype(bool),
+            )
+        )
     with torch.no_grad():
         return overlay_grid(rows, png)

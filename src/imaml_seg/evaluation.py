@@ -38,7 +38,7 @@ class FewShotMethod(Protocol):
 
 @dataclass
 class AdaptedModel:
-    """A learned initialisation ``theta`` fine-tuned on the support set by the shared ``adapt()``."""
+    """A learned initialisation ``theta``, fine-tuned on each support set by ``adapt()``."""
 
     name: str
     model: nn.Module
@@ -50,8 +50,13 @@ class AdaptedModel:
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         return adapt(
-            self.model, self.theta, support_x.to(self.device), support_y.to(self.device),
-            self.inner, proximal=self.proximal, steps=self.steps,
+            self.model,
+            self.theta,
+            support_x.to(self.device),
+            support_y.to(self.device),
+            self.inner,
+            proximal=self.proximal,
+            steps=self.steps,
         ).params
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
@@ -63,8 +68,10 @@ def predict_logits(
     model: nn.Module, params: Params, images: Tensor, device: torch.device, batch: int = 32
 ) -> Tensor:
     """Logits ``(N, 1, H, W)`` on the CPU for ``images`` ``(N, 3, H, W)``, in chunks."""
-    outs = [forward(model, params, images[i : i + batch].to(device)).cpu()
-            for i in range(0, len(images), batch)]
+    outs = [
+        forward(model, params, images[i : i + batch].to(device)).cpu()
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(outs)
 
 
@@ -81,8 +88,11 @@ def evaluate(
     """Score every method on every (shots, draw); one record per method, shots and draw."""
     methods = list(methods)
     test_x, test_y = test_pool(
-        target, test_fraction=data.test_fraction, split_seed=data.split_seed,
-        size=config.test_size, seed=seed,
+        target,
+        test_fraction=data.test_fraction,
+        split_seed=data.split_seed,
+        size=config.test_size,
+        seed=seed,
     )
     jobs = [(k, d) for k in config.shots for d in range(config.draws)]
     records = []
@@ -95,7 +105,10 @@ def evaluate(
             logits = method.predict(support_x, support_y, test_x)
             scores = all_metrics((logits > 0).float(), test_y)
             record = {
-                "method": method.name, "target": target.name, "shots": k, "draw": d,
+                "method": method.name,
+                "target": target.name,
+                "shots": k,
+                "draw": d,
                 **{m: float(v.mean()) for m, v in scores.items()},
                 "dice_per_image": [round(float(v), 5) for v in scores["dice"]],
             }
@@ -107,8 +120,9 @@ def evaluate(
     return records
 
 
-def bootstrap_ci(values: Iterable[float], *, level: float = 0.95, n: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Iterable[float], *, level: float = 0.95, n: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean."""
     x = np.asarray(list(values), dtype=np.float64)
     if len(x) < 2:
@@ -127,13 +141,19 @@ def summarise(records: list[dict], metric: str = "dice") -> dict[tuple[str, int]
     out = {}
     for key, values in groups.items():
         lo, hi = bootstrap_ci(values)
-        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                    "ci_low": lo, "ci_high": hi, "draws": len(values)}
+        out[key] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values)),
+            "ci_low": lo,
+            "ci_high": hi,
+            "draws": len(values),
+        }
     return out
 
 
-def paired_wilcoxon(records: list[dict], method: str, other: str, shots: int,
-                    metric: str = "dice") -> float | None:
+def paired_wilcoxon(
+    records: list[dict], method: str, other: str, shots: int, metric: str = "dice"
+) -> float | None:
     """Two-sided p-value of the paired Wilcoxon signed-rank test over draws (same supports)."""
     a = {r["draw"]: r[metric] for r in records if r["method"] == method and r["shots"] == shots}
     b = {r["draw"]: r[metric] for r in records if r["method"] == other and r["shots"] == shots}

@@ -77,8 +77,10 @@ def hd95(pred: Tensor, target: Tensor) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             d = compute_hausdorff_distance(
-                (pred[both] > 0.5).float(), (target[both] > 0.5).float(),
-                include_background=True, percentile=95,
+                (pred[both] > 0.5).float(),
+                (target[both] > 0.5).float(),
+                include_background=True,
+                percentile=95,
             )
         out[both] = d.reshape(-1).double().cpu()
     return out

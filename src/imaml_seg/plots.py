@@ -53,9 +53,7 @@ def overlay(rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None) 
     out[p] = 0.55 * out[p] + 0.45 * np.array([0.1, 0.9, 0.2])
     if truth is not None:
         t = truth.astype(bool)
-        edge = t & ~(
-            np.roll(t, 1, 0) & np.roll(t, -1, 0) & np.roll(t, 1, 1) & np.roll(t, -1, 1)
-        )
+        edge = t & ~(np.roll(t, 1, 0) & np.roll(t, -1, 0) & np.roll(t, 1, 1) & np.roll(t, -1, 1))
         out[edge] = [1.0, 0.1, 0.1]
     return out
 
@@ -67,7 +65,9 @@ def overlay_grid(
 ) -> Path:
     """A grid, one row per method: (label, images (3,H,W), predictions (H,W), truths (H,W))."""
     ncols = max(len(r[1]) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.9 * ncols, 2.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(1.9 * ncols, 2.0 * len(rows)), squeeze=False
+    )
     for i, (label, images, preds, truths) in enumerate(rows):
         for j in range(ncols):
             ax = axes[i][j]
@@ -76,15 +76,25 @@ def overlay_grid(
                 ax.imshow(overlay(to_rgb(images[j]), preds[j], truths[j]))
                 if col_titles and i == 0:
                     ax.set_title(col_titles[j], fontsize=7)
-        axes[i][0].text(-0.05, 0.5, label, transform=axes[i][0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=8)
+        axes[i][0].text(
+            -0.05,
+            0.5,
+            label,
+            transform=axes[i][0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=8,
+        )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return Path(png)
 
 
-def dice_vs_shots(curves: dict[str, dict[int, tuple[float, float, float]]], png: Path, title: str) -> Path:
+def dice_vs_shots(
+    curves: dict[str, dict[int, tuple[float, float, float]]], png: Path, title: str
+) -> Path:
     """Mean Dice with 95 % CI against shots, one line per method: {method: {k: (mean, lo, hi)}}."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method, points in curves.items():

@@ -61,8 +61,14 @@ def _check_outputs(images: list[Path], source: Path, out: Path, overwrite: bool)
 
 
 def predict_folder(
-    checkpoint: Checkpoint, images_dir: Path, out: Path, *, overwrite: bool = False,
-    quiet: bool = False, threshold: float = 0.5, batch: int = 16,
+    checkpoint: Checkpoint,
+    images_dir: Path,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    threshold: float = 0.5,
+    batch: int = 16,
 ) -> list[dict]:
     """Segment every image of ``images_dir`` into ``out``; returns the ``areas.csv`` rows."""
     files = list_images(images_dir)
@@ -83,15 +89,22 @@ def predict_folder(
             logits = forward(model, params, torch.from_numpy(normalise(small)).to(device)).cpu()
         for path, img, logit in zip(files[start : start + batch], chunk, logits, strict=True):
             h, w = img.shape[:2]
-            prob = torch.sigmoid(F.interpolate(logit[None], size=(h, w), mode="bilinear",
-                                               align_corners=False))[0, 0].numpy()
+            prob = torch.sigmoid(
+                F.interpolate(logit[None], size=(h, w), mode="bilinear", align_corners=False)
+            )[0, 0].numpy()
             mask = prob >= threshold
             mask_path, overlay_path = output_paths(out, path.stem)
             Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
             Image.fromarray((overlay(img / 255.0, mask) * 255).astype(np.uint8)).save(overlay_path)
-            rows.append({"image": path.name, "width": w, "height": h,
-                         "lesion_pixels": int(mask.sum()),
-                         "lesion_fraction": round(float(mask.mean()), 6)})
+            rows.append(
+                {
+                    "image": path.name,
+                    "width": w,
+                    "height": h,
+                    "lesion_pixels": int(mask.sum()),
+                    "lesion_fraction": round(float(mask.mean()), 6),
+                }
+            )
             bar.update(1)
     bar.close()
     with open(out / "areas.csv", "w", newline="") as handle:

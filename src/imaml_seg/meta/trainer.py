@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from imaml_seg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -110,12 +109,18 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint being resumed from."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 
 def validation_dice(
-    model: torch.nn.Module, theta: Params, sampler: TaskSampler, config: RunConfig, n: int,
+    model: torch.nn.Module,
+    theta: Params,
+    sampler: TaskSampler,
+    config: RunConfig,
+    n: int,
     device: torch.device,
 ) -> float:
     """Mean query Dice after ``adapt()`` on ``n`` tasks from the sources' test pools."""
@@ -123,7 +128,11 @@ def validation_dice(
     for index in range(n):
         task = sampler.sample(0, index)
         phi = adapt(
-            model, theta, task.support_x.to(device), task.support_y.to(device), config.inner,
+            model,
+            theta,
+            task.support_x.to(device),
+            task.support_y.to(device),
+            config.inner,
             proximal=config.meta.algorithm == "imaml",
         ).params
         with torch.no_grad():
@@ -166,7 +175,9 @@ def train(
             config = ckpt.config
         theta = {k: v.to(device) for k, v in ckpt.theta.items()}
         start, state = ckpt.step, ckpt.state
-        opt_state = {s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()}
+        opt_state = {
+            s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()
+        }
         if world.is_main:
             _truncate_log(log_path, start)
     else:
@@ -176,7 +187,9 @@ def train(
             log_path.unlink(missing_ok=True)
             (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
-    total = {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(algorithm, config.meta.meta_steps)
+    total = {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(
+        algorithm, config.meta.meta_steps
+    )
     if state.get("done") or start >= total:
         if world.is_main and not ckpt_path.exists():
             save_checkpoint(ckpt_path, Checkpoint(config, theta, start, {}, {"done": True}))
@@ -188,9 +201,15 @@ def train(
         for s in config.sources
     ]
     common = dict(seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed)
-    sampler = TaskSampler(sources, shots=d.shots, query_size=d.query_size, augment=d.augment, **common)
+    sampler = TaskSampler(
+        sources, shots=d.shots, query_size=d.query_size, augment=d.augment, **common
+    )
     val_sampler = TaskSampler(
-        sources, shots=d.shots, query_size=d.query_size, augment=False, pool="test",
+        sources,
+        shots=d.shots,
+        query_size=d.query_size,
+        augment=False,
+        pool="test",
         **{**common, "seed": config.seed + 1},
     )
     adam = OuterAdam(config.meta.meta_lr)
@@ -199,17 +218,25 @@ def train(
 
     step_fn: Callable[[int], tuple[Params | None, dict[str, Any]]]
     if algorithm == "transfer":
+
         def step_fn(step: int) -> tuple[Params | None, dict[str, Any]]:
-            x, y = pooled_batch(sources, config.meta.pretrain_batch_size, step, augment=d.augment, **common)
+            x, y = pooled_batch(
+                sources, config.meta.pretrain_batch_size, step, augment=d.augment, **common
+            )
             grad, loss = supervised_grad(model, theta, x.to(device), y.to(device))
             return grad, {"loss": loss}
     else:
+
         def step_fn(step: int) -> tuple[Params | None, dict[str, Any]]:
             return _meta_step(model, theta, sampler, config, step, world, device)
 
     bar = tqdm(
-        range(start, total), initial=start, total=total, desc=f"{algorithm} {out.name}",
-        disable=quiet or not world.is_main, unit="step",
+        range(start, total),
+        initial=start,
+        total=total,
+        desc=f"{algorithm} {out.name}",
+        disable=quiet or not world.is_main,
+        unit="step",
     )
     done_here = 0
     for step in bar:
@@ -222,13 +249,19 @@ def train(
                 theta = adam.step(theta, grad, opt_state, step + 1)
         record.update(step=step + 1, phase=algorithm, seconds=round(time.perf_counter() - t0, 3))
         last = step + 1 == total
-        if world.is_main and config.meta.val_every and ((step + 1) % config.meta.val_every == 0 or last):
+        if (
+            world.is_main
+            and config.meta.val_every
+            and ((step + 1) % config.meta.val_every == 0 or last)
+        ):
             record["val_dice"] = validation_dice(
                 model, theta, val_sampler, config, config.meta.val_tasks, device
             )
         if world.is_main:
             _log(log_path, record)
-            bar.set_postfix({k: v for k, v in record.items() if k in ("loss", "query_loss", "val_dice")})
+            bar.set_postfix(
+                {k: v for k, v in record.items() if k in ("loss", "query_loss", "val_dice")}
+            )
         done_here += 1
         stop = stop_after is not None and done_here >= stop_after
         if world.is_main and (last or stop or (step + 1) % config.meta.checkpoint_every == 0):
@@ -246,17 +279,26 @@ def train(
 
 
 def _meta_step(
-    model: torch.nn.Module, theta: Params, sampler: TaskSampler, config: RunConfig, step: int,
-    world: World, device: torch.device,
+    model: torch.nn.Module,
+    theta: Params,
+    sampler: TaskSampler,
+    config: RunConfig,
+    step: int,
+    world: World,
+    device: torch.device,
 ) -> tuple[Params | None, dict[str, Any]]:
     """Average this meta-batch's finite task meta-gradients over all ranks."""
     leaf = {k: v.detach().requires_grad_(config.meta.algorithm == "maml") for k, v in theta.items()}
     total = {k: torch.zeros_like(v) for k, v in theta.items()}
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # ok tasks, query loss, cg res, skipped
+    sums = torch.zeros(
+        4, dtype=torch.float64, device=device
+    )  # ok tasks, query loss, cg res, skipped
     for index in world.my_tasks(config.meta.meta_batch_size):
         task = sampler.sample(step, index)
-        task = type(task)(*(t.to(device) for t in (task.support_x, task.support_y,
-                                                     task.query_x, task.query_y)), task.dataset)
+        task = type(task)(
+            *(t.to(device) for t in (task.support_x, task.support_y, task.query_x, task.query_y)),
+            task.dataset,
+        )
         result = meta_gradient(config.meta.algorithm, model, leaf, task, config)
         if not result.ok:
             warnings.warn(
@@ -280,7 +322,9 @@ def _meta_step(
     if config.meta.algorithm == "imaml":
         record["cg_residual"] = sums[2].item() / ok
     grad = {k: v / ok for k, v in total.items()}
-    if not all(torch.isfinite(v).all() for v in grad.values()) or not math.isfinite(record["query_loss"]):
+    if not all(torch.isfinite(v).all() for v in grad.values()) or not math.isfinite(
+        record["query_loss"]
+    ):
         record["skipped"] += ok
         return None, record
     return grad, record
@@ -288,4 +332,3 @@ def _meta_step(
 
 def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-

@@ -1,0 +1,106 @@
+"""The meta-training loop: SIGKILL + --resume reproduces an uninterrupted run; bad tasks skipped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from imaml_seg.checkpoint import load_checkpoint
+from imaml_seg.config import load, merge
+from imaml_seg.meta import trainer
+from imaml_seg.meta.algorithms import MetaGradResult
+from imaml_seg.meta.trainer import Paths, read_log, train
+
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny.toml"
+STEPS = 8
+
+
+def cli(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "imaml_seg",
+        "meta-train",
+        "--config",
+        str(TINY),
+        "--meta-steps",
+        str(STEPS),
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path) -> None:
+    subprocess.run(cli(tmp_path / "whole"), check=True, env=env())
+    ckpt = tmp_path / "killed" / "checkpoint.safetensors"
+    proc = subprocess.Popen(cli(tmp_path / "killed"), env=env())
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            step = load_checkpoint(ckpt).step
+            if 2 <= step < STEPS - 1:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed mid-way"
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(ckpt).step < STEPS
+    subprocess.run(cli(tmp_path / "killed", "--resume"), check=True, env=env())
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
+    resumed = load_checkpoint(ckpt)
+    assert resumed.step == whole.step == STEPS
+    for name, value in whole.theta.items():
+        torch.testing.assert_close(resumed.theta[name], value, rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in read_log(tmp_path / "killed" / "log.jsonl")]
+    assert steps == list(range(1, STEPS + 1))  # no step logged twice after the resume
+    assert (tmp_path / "killed" / "learning_curve.png").is_file()
+
+
+def test_failed_tasks_are_skipped_counted_and_never_reach_theta(tmp_path, monkeypatch) -> None:
+    real = trainer.meta_gradient
+    calls = {"n": 0}
+
+    def flaky(algorithm, model, theta, task, config):
+        calls["n"] += 1
+        if calls["n"] % 2 == 1:  # every other task "diverges"
+            nan = {k: torch.full_like(v, float("nan")) for k, v in theta.items()}
+            return MetaGradResult(
+                nan, float("nan"), float("nan"), {"cg_status": "nonfinite"}, False
+            )
+        return real(algorithm, model, theta, task, config)
+
+    monkeypatch.setattr(trainer, "meta_gradient", flaky)
+    config = merge(load(TINY), {"meta": {"meta_steps": 3, "val_every": 0}})
+    path = train(config, Paths(tmp_path), quiet=True)
+    theta = load_checkpoint(path).theta
+    assert all(torch.isfinite(v).all() for v in theta.values())
+    log = read_log(tmp_path / "log.jsonl")
+    assert [r["skipped"] for r in log] == [1, 1, 1] and [r["tasks"] for r in log] == [1, 1, 1]
+
+
+def test_all_tasks_failing_leaves_theta_unchanged(tmp_path, monkeypatch) -> None:
+    def broken(algorithm, model, theta, task, config):
+        nan = {k: torch.full_like(v, float("nan")) for k, v in theta.items()}
+        return MetaGradResult(nan, float("nan"), float("nan"), {}, False)
+
+    monkeypatch.setattr(trainer, "meta_gradient", broken)
+    config = merge(load(TINY), {"meta": {"meta_steps": 2, "val_every": 0}})
+    theta = load_checkpoint(train(config, Paths(tmp_path), quiet=True)).theta
+    start = trainer.init_theta(config, torch.device("cpu"))
+    for name in theta:
+        assert torch.equal(theta[name], start[name])
