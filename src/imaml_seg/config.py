@@ -64,7 +64,7 @@ class ImplicitConfig:
     cg_steps: int = 5
     damping: float = 0.0
     """Added to the diagonal of H: solves ``(I + (H + damping I)/lam) v = g``."""
-    hessian: str = "exact"
+    hessian: str = "ggn"
     """'exact' Hessian-vector products or 'ggn' (Gauss-Newton, positive semi-definite)."""
     rtol: float = 1e-10
     """Stop CG once ``||r|| <= rtol * ||g||``."""
@@ -195,7 +195,7 @@ def validate(config: RunConfig) -> None:
     """Raise ConfigError on values that cannot work."""
     checks = [
         (config.meta.algorithm in ALGORITHMS, f"meta.algorithm must be one of {ALGORITHMS}"),
-        (config.data.resolution >= 16, "data.resolution must be at least 16"),
+        (config.data.resolution >= 32, "data.resolution must be at least 32 (U-Net depth 4)"),
         (config.data.resolution % 16 == 0, "data.resolution must be a multiple of 16 (U-Net)"),
         (config.data.shots >= 1, "data.shots must be at least 1"),
         (config.data.query_size >= 1, "data.query_size must be at least 1"),
@@ -207,6 +207,12 @@ def validate(config: RunConfig) -> None:
         (config.inner.lam > 0, "inner.lam must be > 0"),
         (config.implicit.cg_steps >= 1, "implicit.cg_steps must be >= 1"),
         (config.implicit.hessian in ("exact", "ggn"), "implicit.hessian must be 'exact' or 'ggn'"),
+        (config.implicit.damping >= 0, "implicit.damping must be >= 0"),
+        (config.implicit.rtol > 0, "implicit.rtol must be > 0"),
+        (
+            config.inner.optimizer != "sgd" or config.inner.inner_lr * config.inner.lam < 2,
+            "inner.inner_lr * inner.lam must be < 2, or proximal SGD diverges",
+        ),
         (config.meta.meta_batch_size >= 1, "meta.meta_batch_size must be >= 1"),
         (len(config.sources) >= 1, "at least one source dataset is needed"),
     ]

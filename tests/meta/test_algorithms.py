@@ -163,6 +163,7 @@ def test_nan_in_task_data_is_flagged_and_never_leaks(tiny_net, blobs, algorithm,
     config = _config(inner_steps=2, inner_lr=0.1, implicit=ImplicitConfig(cg_steps=2))
     result = meta_gradient(algorithm, net, theta, task, config)
     assert not result.ok
+    assert result.stats["reason"] in ("inner_nonfinite", "query_nonfinite")
     assert all_finite(result.grad)
     assert set(result.grad) == set(theta)
     assert all(torch.equal(theta[k], before[k]) for k in theta)
@@ -180,7 +181,24 @@ def test_nonfinite_curvature_flags_the_task(tiny_net, blobs) -> None:
     result = meta_gradient("imaml", net, theta, task, config, output_curvature=poisoned_curvature)
     assert not result.ok
     assert result.stats["cg_status"] == "nonfinite"
+    assert result.stats["reason"] == "cg_nonfinite"
     assert all_finite(result.grad)
+
+
+def test_a_solve_that_never_beats_zero_flags_the_task(tiny_net, blobs) -> None:
+    """Negative curvature at the first CG step would return v = 0: skipped, not a silent zero."""
+    net = tiny_net()
+    theta = get_params(net)
+    task = _tiny_task(blobs)
+    config = _config(inner_steps=2, inner_lr=0.1, implicit=ImplicitConfig(hessian="ggn"))
+
+    def concave(target: torch.Tensor):
+        return lambda output, u: -1e6 * u
+
+    result = meta_gradient("imaml", net, theta, task, config, output_curvature=concave)
+    assert not result.ok
+    assert result.stats["cg_status"] == "diverged"
+    assert result.stats["reason"] == "cg_no_progress"
 
 
 @pytest.mark.parametrize(
@@ -200,7 +218,9 @@ def test_every_algorithm_runs_on_a_unet(blobs, algorithm: str, hessian: str) -> 
     x, y = blobs(4, 32, seed=3)
     task = Task(x[:2], y[:2], x[2:], y[2:])
     implicit = ImplicitConfig(cg_steps=2, hessian=hessian)
-    config = _config(inner_steps=2, inner_lr=0.1, implicit=implicit)
+    # lam large enough for the exact Hessian: at lam = 1 this tiny U-Net meets negative curvature
+    # at the first CG step (the trap in DESIGN.md), which is flagged as cg_no_progress.
+    config = _config(inner_steps=2, inner_lr=0.01, lam=100.0, implicit=implicit)
     result = meta_gradient(algorithm, model, theta, task, config)
     assert result.ok, result.stats
     assert set(result.grad) == set(theta) and all_finite(result.grad)
@@ -222,7 +242,7 @@ def test_supervised_grad_matches_autograd(tiny_net, blobs) -> None:
     leaf = {k: t.clone().requires_grad_() for k, t in theta.items()}
     loss = dice_bce_loss(forward(net, leaf, x), y)
     loss.backward()
-    assert value == pytest.approx(float(loss))
+    assert value == pytest.approx(float(loss.detach()))
     assert all(torch.allclose(g[k], leaf[k].grad) for k in theta)
 
 

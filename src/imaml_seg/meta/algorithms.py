@@ -47,9 +47,12 @@ class MetaGradResult:
     """Support loss (without proximal term) at the adapted weights."""
     stats: dict[str, float | str] = field(default_factory=dict)
     """Diagnostics: inner_initial_loss, inner_final_loss, inner_status; for iMAML cg_residual
-    (relative residual of the returned solution), cg_residual_last, cg_iterations, cg_status."""
+    (relative residual of the returned solution), cg_residual_last, cg_iterations, cg_status;
+    when ``ok`` is False, reason ('inner_nonfinite', 'query_nonfinite', 'grad_nonfinite',
+    'cg_nonfinite' or 'cg_no_progress')."""
     ok: bool = True
-    """False when the task must be skipped (non-finite loss, gradient or solve)."""
+    """False when the task must be skipped (non-finite loss, gradient or solve, or a CG solve
+    that never improved on its zero start)."""
 
 
 def bce_output_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -77,7 +80,10 @@ def _zeros(theta: Params) -> Params:
     return {k: torch.zeros_like(t).detach() for k, t in theta.items()}
 
 
-def _failed(theta: Params, query: float, support: float, stats: dict) -> MetaGradResult:
+def _failed(
+    theta: Params, query: float, support: float, stats: dict, reason: str
+) -> MetaGradResult:
+    stats["reason"] = reason
     return MetaGradResult(_zeros(theta), query, support, stats, ok=False)
 
 
@@ -142,11 +148,11 @@ def _imaml(
     stats = _inner_stats(inner)
     support = inner.final_loss
     if inner.status != "ok":
-        return _failed(theta, math.nan, support, stats)
+        return _failed(theta, math.nan, support, stats, "inner_nonfinite")
     phi = inner.params
     g, query = _query_grad(model, phi, task, loss_fn)
     if not (math.isfinite(query) and all_finite(g)):
-        return _failed(theta, query, support, stats)
+        return _failed(theta, query, support, stats, "query_nonfinite")
 
     def support_loss(p: Params) -> Tensor:
         return loss_fn(forward(model, p, task.support_x), task.support_y)
@@ -169,7 +175,11 @@ def _imaml(
         cg_status=solve.status,
     )
     if solve.status == "nonfinite" or not all_finite(v):
-        return _failed(theta, query, support, stats)
+        return _failed(theta, query, support, stats, "cg_nonfinite")
+    if solve.residual >= 1.0:
+        # No CG iterate beat the zero start (negative curvature or growth from the first step,
+        # as with the exact Hessian at small lam): the "solution" would be a silent zero.
+        return _failed(theta, query, support, stats, "cg_no_progress")
     return MetaGradResult(v, query, support, stats)
 
 
@@ -189,11 +199,11 @@ def _maml(
     stats = _inner_stats(inner)
     support = inner.final_loss
     if inner.status != "ok":
-        return _failed(theta, math.nan, support, stats)
+        return _failed(theta, math.nan, support, stats, "inner_nonfinite")
     query_loss = loss_fn(forward(model, inner.params, task.query_x), task.query_y)
-    query = float(query_loss)
+    query = float(query_loss.detach())
     if not math.isfinite(query):
-        return _failed(theta, query, support, stats)
+        return _failed(theta, query, support, stats, "query_nonfinite")
     names = list(leaf)
     found = torch.autograd.grad(query_loss, [leaf[k] for k in names], allow_unused=True)
     grad = {
@@ -201,7 +211,7 @@ def _maml(
         for k, g in zip(names, found, strict=True)
     }
     if not all_finite(grad):
-        return _failed(theta, query, support, stats)
+        return _failed(theta, query, support, stats, "grad_nonfinite")
     return MetaGradResult(grad, query, support, stats)
 
 
@@ -212,10 +222,10 @@ def _fomaml(
     stats = _inner_stats(inner)
     support = inner.final_loss
     if inner.status != "ok":
-        return _failed(theta, math.nan, support, stats)
+        return _failed(theta, math.nan, support, stats, "inner_nonfinite")
     g, query = _query_grad(model, inner.params, task, loss_fn)
     if not (math.isfinite(query) and all_finite(g)):
-        return _failed(theta, query, support, stats)
+        return _failed(theta, query, support, stats, "query_nonfinite")
     return MetaGradResult(g, query, support, stats)
 
 
@@ -227,7 +237,7 @@ def _reptile(
     inner = adapt(model, theta, x, y, config.inner, loss_fn=loss_fn)
     stats = _inner_stats(inner)
     if inner.status != "ok":
-        return _failed(theta, math.nan, inner.final_loss, stats)
+        return _failed(theta, math.nan, inner.final_loss, stats, "inner_nonfinite")
     phi = inner.params
     with torch.no_grad():
         out = forward(model, phi, x)
@@ -236,7 +246,7 @@ def _reptile(
         query = float(loss_fn(out[n:], task.query_y))
     grad = {k: (theta[k].detach() - phi[k]) for k in theta}
     if not (all_finite(grad) and math.isfinite(query) and math.isfinite(support)):
-        return _failed(theta, query, support, stats)
+        return _failed(theta, query, support, stats, "query_nonfinite")
     return MetaGradResult(grad, query, support, stats)
 
 
