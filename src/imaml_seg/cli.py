@@ -149,7 +149,7 @@ def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
         {k: v.to(device) for k, v in ckpt.theta.items()},
         c.inner,
         steps if steps is not None else c.eval.inner_steps,
-        proximal=c.meta.algorithm == "imaml",
+        proximal=c.meta.algorithm == "imaml" and c.eval.proximal,
         device=device,
     )
 

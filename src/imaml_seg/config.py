@@ -102,6 +102,10 @@ class EvalConfig:
     """Images of the test pool scored per draw (0 means all)."""
     inner_steps: int = 50
     """Adaptation steps at test time (may differ from meta-training's)."""
+    proximal: bool = False
+    """Keep iMAML's proximal term ``lam/2 ||phi - theta||^2`` when adapting at test time.  Off by
+    default: on the demo's unseen synthetic domain it lowered iMAML's 5-shot Dice from 0.83 to
+    0.73 (20 steps, lam 2), because it stops phi short of the support optimum."""
 
 
 @dataclass(frozen=True)

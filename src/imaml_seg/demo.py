@@ -1,8 +1,9 @@
 """The README's main job: meta-train briefly, adapt to an unseen dataset with 5 shots, report Dice.
 
-Three initialisations are compared on the same support draws of a target dataset that no
-training saw: iMAML's meta-learned theta, transfer (supervised pretraining on the same sources),
-and scratch (the seeded random initialisation); each is fine-tuned by the same ``adapt()``.
+Four initialisations are compared on the same support draws of a target dataset that no
+training saw: iMAML's meta-learned theta (from random weights, and warm-started from transfer,
+the Meta-Baseline recipe), transfer (supervised pretraining on the same sources), and scratch
+(the seeded random initialisation); each is fine-tuned by the same ``adapt()``.
 By default everything runs on the embedded synthetic domains; with a data root it runs on real
 datasets (preset ``demo-real``).  Re-running continues finished or interrupted parts.
 """
@@ -10,55 +11,19 @@ datasets (preset ``demo-real``).  Re-running continues finished or interrupted p
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from imaml_seg.checkpoint import Checkpoint, load_checkpoint
-from imaml_seg.config import RunConfig, load, merge
+from imaml_seg.config import RunConfig, load
 from imaml_seg.data.cache import load_arrays
 from imaml_seg.data.tasks import draw_support, test_pool
 from imaml_seg.evaluation import AdaptedModel, evaluate, predict_logits, summarise
-from imaml_seg.meta.trainer import Paths, device_default, init_theta, train
-from imaml_seg.model import build_model
+from imaml_seg.experiment import Study, load_method, train_unit
+from imaml_seg.meta.trainer import Paths, device_default
 from imaml_seg.plots import overlay_grid
 
-METHODS = ("imaml", "transfer", "scratch")
-
-
-def trained_methods(config: RunConfig, paths: Paths, *, quiet: bool) -> list[AdaptedModel]:
-    """Train (or resume) each method of the demo and wrap it for evaluation."""
-    device = device_default()
-    model = build_model(config.model).to(device)
-    methods = []
-    for name in METHODS:
-        run = merge(config, {"meta": {"algorithm": name}})
-        if name == "scratch":
-            theta = init_theta(run, device)
-        else:
-            ckpt: Checkpoint = load_checkpoint(
-                train(
-                    run,
-                    replace(paths, out_dir=paths.out_dir / name),
-                    resume=True,
-                    quiet=quiet,
-                    device=device,
-                )
-            )
-            theta = {k: v.to(device) for k, v in ckpt.theta.items()}
-        methods.append(
-            AdaptedModel(
-                name,
-                model,
-                theta,
-                run.inner,
-                run.eval.inner_steps,
-                proximal=name == "imaml",
-                device=device,
-            )
-        )
-    return methods
+METHODS = ("imaml_warm", "imaml", "transfer", "scratch")
+LABELS = {"imaml_warm": "iMAML (warm start)", "imaml": "iMAML", "transfer": "transfer",
+          "scratch": "scratch"}
 
 
 def run_demo(
@@ -76,7 +41,12 @@ def run_demo(
         for child in METHODS:
             (out / child / "checkpoint.safetensors").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    methods = trained_methods(config, paths, quiet=quiet)
+    study = Study("demo", config, METHODS)
+    device = device_default()
+    methods = []
+    for name in METHODS:
+        train_unit(study, name, paths, out, quiet)
+        methods.append(load_method(study, name, out, device))
     target = load_arrays(
         config.target, config.data.resolution, data_root=paths.data_root, cache_dir=paths.cache_dir
     )
@@ -87,12 +57,12 @@ def run_demo(
     lines = [
         f"Target {target.name} (never seen in training), {k} shots, {config.eval.draws} draws, "
         f"{config.data.resolution} px; Dice on {config.eval.test_size or 'all'} test-pool images:",
-        f"{'method':10s} {'Dice':>6s} {'95% CI':>13s} {'IoU':>6s}",
+        f"{'method':19s} {'Dice':>6s} {'95% CI':>13s} {'IoU':>6s}",
     ]
     for name in METHODS:
         s = summary[(name, k)]
         lines.append(
-            f"{name:10s} {s['mean']:6.3f} {s['ci_low']:6.3f}-{s['ci_high']:.3f} "
+            f"{LABELS[name]:19s} {s['mean']:6.3f} {s['ci_low']:6.3f}-{s['ci_high']:.3f} "
             f"{iou[(name, k)]['mean']:6.3f}"
         )
     table = "\n".join(lines)
@@ -140,5 +110,4 @@ def _overlay_figure(methods: list[AdaptedModel], target, config: RunConfig, png:
                 test_y[:, 0].numpy().astype(bool),
             )
         )
-    with torch.no_grad():
-        return overlay_grid(rows, png)
+    return overlay_grid(rows, png)

@@ -1,0 +1,288 @@
+"""Leave-one-dataset-out study: train every method on the sources, score it on an unseen target.
+
+A study is a TOML file (``experiments/<name>.toml``)::
+
+    name = "unseen_polyp"
+    preset = "cpu"                       # or a config file
+    sources = ["Kvasir-SEG", "ISIC2018", "DRIVE"]
+    target = "CVC-ClinicDB"
+    methods = ["scratch", "transfer", "imaml", "imaml_warm", ...]
+    [overrides]                          # optional, nested like a config file
+    meta = { meta_steps = 200 }
+
+It runs as small units, each skipped when its output exists, so an interrupted study picks up
+where it stopped: one training run per method (``runs/<name>/<method>/``, checkpoints, not
+committed) and one evaluation per method (``results/<name>/<method>.json``, committed).  The
+report step then writes ``results/<name>.json`` (every per-draw score, summaries, paired Wilcoxon
+tests of iMAML against each method), a Dice-vs-shots plot, learning curves and an overlay grid.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from imaml_seg.baselines import build_baseline
+from imaml_seg.checkpoint import load_checkpoint
+from imaml_seg.config import ConfigError, RunConfig, load, merge
+from imaml_seg.data.cache import SegArrays, load_arrays
+from imaml_seg.data.tasks import TaskSampler, draw_support, test_pool
+from imaml_seg.evaluation import (
+    AdaptedModel,
+    evaluate,
+    paired_wilcoxon,
+    summarise,
+)
+from imaml_seg.meta.trainer import Paths, device_default, init_theta, train
+from imaml_seg.metrics import dice
+from imaml_seg.model import build_model
+from imaml_seg.plots import dice_vs_shots, overlay_grid
+
+THETA_METHODS = ("scratch", "transfer", "fomaml", "maml", "reptile", "imaml", "imaml_warm")
+BASELINES = ("prototype", "incontext")
+METHODS = THETA_METHODS + BASELINES
+REFERENCE = "imaml"
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    config: RunConfig
+    methods: tuple[str, ...]
+    baseline_steps: int = 300
+    """Episodic training steps of the few-shot baselines (meta-batches of tasks)."""
+
+    @classmethod
+    def from_file(cls, path: Path) -> Study:
+        if not path.is_file():
+            raise ConfigError(f"{path}: study file not found")
+        try:
+            spec = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        base = load(spec.get("preset", "cpu"))
+        overrides = dict(spec.get("overrides", {}))
+        for key in ("sources", "target", "seed"):
+            if key in spec:
+                overrides[key] = spec[key]
+        methods = tuple(spec.get("methods", METHODS))
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown methods {unknown} (known: {', '.join(METHODS)})")
+        return cls(
+            spec.get("name", path.stem),
+            merge(base, overrides),
+            methods,
+            spec.get("baseline_steps", 300),
+        )
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was measured."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def method_config(study: Study, method: str, runs: Path) -> RunConfig:
+    """The run config of one method: the study's config with the method's algorithm."""
+    algorithm = "imaml" if method == "imaml_warm" else method
+    meta: dict[str, Any] = {"algorithm": algorithm if algorithm in THETA_METHODS else "scratch"}
+    if method == "imaml_warm":
+        meta["warm_start"] = str(runs / "transfer" / "checkpoint.safetensors")
+    return merge(study.config, {"meta": meta})
+
+
+def train_unit(study: Study, method: str, paths: Paths, runs: Path, quiet: bool) -> None:
+    """Train one method (resuming a partial run); a no-op when it has finished."""
+    if method == "imaml_warm":
+        train_unit(study, "transfer", paths, runs, quiet)
+    config = method_config(study, method, runs)
+    out = runs / method
+    if method in BASELINES:
+        _train_baseline(study, method, config, paths, out, quiet)
+    elif method != "scratch":
+        train(config, replace(paths, out_dir=out), resume=True, quiet=quiet)
+
+
+def _sources(config: RunConfig, paths: Paths) -> list[SegArrays]:
+    return [
+        load_arrays(s, config.data.resolution, data_root=paths.data_root, cache_dir=paths.cache_dir)
+        for s in config.sources
+    ]
+
+
+def _train_baseline(
+    study: Study, method: str, config: RunConfig, paths: Paths, out: Path, quiet: bool
+) -> None:
+    weights = out / "weights.safetensors"
+    if weights.exists():
+        return
+    d = config.data
+    sampler = TaskSampler(
+        _sources(config, paths), shots=d.shots, query_size=d.query_size, seed=config.seed,
+        test_fraction=d.test_fraction, split_seed=d.split_seed, augment=d.augment,
+    )
+    model = build_baseline(method, resolution=d.resolution, seed=config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.jsonl"
+    log.unlink(missing_ok=True)
+    for step in tqdm(range(study.baseline_steps), desc=method, disable=quiet):
+        t0 = time.perf_counter()
+        loss = model.train_step(sampler.sample_batch(step, config.meta.meta_batch_size))
+        record = {"step": step + 1, "loss": loss, "seconds": round(time.perf_counter() - t0, 3)}
+        with open(log, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+
+
+def load_method(study: Study, method: str, runs: Path, device: torch.device):
+    """The evaluation wrapper of a trained method."""
+    config = method_config(study, method, runs)
+    if method in BASELINES:
+        model = build_baseline(method, resolution=config.data.resolution, seed=config.seed)
+        model.load_state_dict(load_file(str(runs / method / "weights.safetensors")))
+        return model
+    if method == "scratch":
+        theta = init_theta(config, device)
+    else:
+        theta = {k: v.to(device) for k, v in load_checkpoint(runs / method).theta.items()}
+    proximal = config.meta.algorithm == "imaml" and config.eval.proximal
+    model = build_model(config.model).to(device)
+    return AdaptedModel(
+        method, model, theta, config.inner, config.eval.inner_steps, proximal, device
+    )
+
+
+def evaluate_unit(
+    study: Study, method: str, target: SegArrays, runs: Path, results: Path, quiet: bool
+) -> Path:
+    """Score one trained method on the target; its JSON is the unit's product."""
+    path = results / f"{method}.json"
+    if path.exists():
+        return path
+    config = method_config(study, method, runs)
+    t0 = time.perf_counter()
+    wrapper = load_method(study, method, runs, device_default())
+    records = evaluate([wrapper], target, config.data, config.eval, seed=config.seed, quiet=quiet)
+    payload = {
+        "study": study.name, "method": method, "target": target.name,
+        "sources": list(config.sources), "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(), "records": records,
+    }
+    _train_log = runs / method / "log.jsonl"
+    if _train_log.exists():
+        payload["train_log"] = [json.loads(x) for x in _train_log.read_text().splitlines() if x]
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def report(study: Study, target: SegArrays, runs: Path, results: Path) -> dict[str, Any]:
+    """Aggregate the per-method results into ``results/<name>.json`` and figures."""
+    records, machines = [], {}
+    for method in study.methods:
+        path = results / f"{method}.json"
+        if path.exists():
+            payload = json.loads(path.read_text())
+            records += payload["records"]
+            machines[method] = payload["machine"]
+    summary = {f"{m}@{k}": s for (m, k), s in summarise(records).items()}
+    iou = {f"{m}@{k}": s for (m, k), s in summarise(records, "iou").items()}
+    tests = {}
+    shots = sorted({r["shots"] for r in records})
+    for other in study.methods:
+        if other != REFERENCE:
+            for k in shots:
+                p = paired_wilcoxon(records, REFERENCE, other, k)
+                if p is not None:
+                    tests[f"{REFERENCE}_vs_{other}@{k}"] = p
+    out = {
+        "study": study.name, "target": target.name, "sources": list(study.config.sources),
+        "resolution": study.config.data.resolution, "methods": list(study.methods),
+        "summary_dice": summary, "summary_iou": iou, "wilcoxon_p": tests,
+        "machines": machines, "records": records,
+    }
+    (results.parent / f"{study.name}.json").write_text(json.dumps(out) + "\n")
+    curves = {}
+    for key, s in summary.items():
+        method, k = key.rsplit("@", 1)
+        curves.setdefault(method, {})[int(k)] = (s["mean"], s["ci_low"], s["ci_high"])
+    if curves:
+        dice_vs_shots(curves, results / "dice_vs_shots.png", f"{study.name}: {target.name}")
+        _overlays(study, target, runs, results / "overlays.png")
+    return out
+
+
+def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
+    """Each finished method's predictions after adapting on draw 0, best and worst images."""
+    config, device = study.config, device_default()
+    d = config.data
+    k = 5 if 5 in config.eval.shots else config.eval.shots[0]
+    support_x, support_y = draw_support(
+        target, k, 0, seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed
+    )
+    test_x, test_y = test_pool(
+        target, test_fraction=d.test_fraction, split_seed=d.split_seed,
+        size=config.eval.test_size, seed=config.seed,
+    )
+    rows = []
+    order = None
+    for method in study.methods:
+        if not (png.parent / f"{method}.json").exists():
+            continue
+        wrapper = load_method(study, method, runs, device)
+        pred = (wrapper.predict(support_x, support_y, test_x) > 0).float()
+        if order is None or method == REFERENCE:  # rank test images by iMAML's Dice
+            ranked = torch.argsort(dice(pred, test_y), descending=True).tolist()
+            order = ranked[:3] + ranked[-3:]  # three good cases, three failures
+        rows.append((method, pred))
+    if order is None:
+        return
+    grid = [
+        (m, test_x[order].numpy(), p[order, 0].numpy().astype(bool),
+         test_y[order, 0].numpy().astype(bool))
+        for m, p in rows
+    ]
+    overlay_grid(grid, png, col_titles=["best"] * 3 + ["worst"] * 3)
+
+
+def run_experiment(
+    spec: Path, paths: Paths, *, quiet: bool = False, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Run every unit of the study that has not run yet, then write the report."""
+    study = Study.from_file(spec)
+    root = Path(spec).resolve().parent.parent
+    results = (paths.out_dir if paths.out_dir != Path(".") else root / "results") / study.name
+    runs = root / "runs" / study.name
+    target = load_arrays(
+        study.config.target, study.config.data.resolution,
+        data_root=paths.data_root, cache_dir=paths.cache_dir,
+    )
+    for method in only or study.methods:
+        if method not in study.methods:
+            raise ConfigError(f"{spec}: method {method} is not in this study")
+        train_unit(study, method, paths, runs, quiet)
+        evaluate_unit(study, method, target, runs, results, quiet)
+    return report(study, target, runs, results)
+
