@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from datafiles import generic_tree
+from tests.data.datafiles import generic_tree
 
 
 @pytest.fixture

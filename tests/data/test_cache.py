@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datafiles import disc, rgb, save
+from tests.data.datafiles import disc, rgb, save
 
 from imaml_seg.data import cache
 from imaml_seg.data.cache import (
@@ -228,3 +228,25 @@ def test_real_generic_copy(real_dataset: Callable[[str], Path], tmp_path: Path) 
                              load_mask(tmp_path / "few" / "masks" / names[1]), 64)
     np.testing.assert_allclose(arrays.images[1], image, atol=1e-5)  # what prediction will see
     np.testing.assert_array_equal(arrays.masks[1], mask)
+
+
+def test_cache_file_works_as_a_dataset_without_the_raw_files(tmp_path) -> None:
+    from imaml_seg.data.cache import load_arrays
+    from imaml_seg.data.validate import DataError
+    from tests.data.datafiles import generic_tree
+
+    folder = generic_tree(tmp_path / "mine", n=4)
+    original = load_arrays(str(folder), 32, data_root=None, cache_dir=tmp_path / "cache")
+    (npz,) = (tmp_path / "cache").glob("*.npz")
+    moved = tmp_path / "elsewhere" / npz.name
+    moved.parent.mkdir()
+    npz.rename(moved)
+    again = load_arrays(str(moved), 32, data_root=None, cache_dir=None)
+    assert again.name == original.name and again.names == original.names
+    assert (again.images == original.images).all() and (again.masks == original.masks).all()
+    with pytest.raises(DataError, match="preprocessed at 32 px, the run asks for 64 px"):
+        load_arrays(str(moved), 64, data_root=None, cache_dir=None)
+    odd = tmp_path / "arrays.npz"
+    odd.write_bytes(b"x")
+    with pytest.raises(DataError, match="arrays.npz: not an imaml-seg array file"):
+        load_arrays(str(odd), 32, data_root=None, cache_dir=None)

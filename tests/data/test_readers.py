@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datafiles import disc, generic_tree, rgb, save
+from tests.data.datafiles import disc, generic_tree, rgb, save
 from PIL import Image
 
 from imaml_seg.data.readers import (

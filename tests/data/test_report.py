@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from datafiles import disc, generic_tree, rgb, save
+from tests.data.datafiles import disc, generic_tree, rgb, save
 
 from imaml_seg.data.report import dataset_report, format_report
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from datafiles import disc, rgb, save
+from tests.data.datafiles import disc, rgb, save
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

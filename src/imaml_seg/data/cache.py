@@ -201,8 +201,9 @@ def load_arrays(
 ) -> SegArrays:
     """A dataset preprocessed at ``resolution``: from the cache, or read, validated and cached.
 
-    ``spec`` is a known dataset name (under ``data_root``), a folder, or ``synthetic:<domain>``
-    (optionally ``synthetic:<domain>:<n>``; generated, not cached).  Raises DataError listing the
+    ``spec`` is a known dataset name (under ``data_root``), a folder, ``synthetic:<domain>``
+    (optionally ``synthetic:<domain>:<n>``; generated, not cached), or a cache file
+    (``<name>-<R>px-<fingerprint>.npz``) used as it is, on a machine without the raw files.  Raises DataError listing the
     first few problems (and how many there are) if any pair has an error; warnings are ignored.
     """
     if spec.startswith("synthetic:"):
@@ -210,6 +211,9 @@ def load_arrays(
 
         domain, n = parse_synthetic(spec)
         return synthetic_arrays(domain, n=n, resolution=resolution)
+
+    if spec.endswith(".npz"):
+        return load_array_file(Path(spec), resolution)
 
     name, folder, _ = resolve_dataset(spec, data_root)
     pairs, problems = read_dataset(spec, data_root)
@@ -229,3 +233,19 @@ def load_arrays(
     except OSError as err:  # a read-only cache folder costs speed, not correctness
         warnings.warn(f"{path}: could not write the cache: {err}", stacklevel=2)
     return SegArrays(normalise(images), masks.astype(np.float32), tuple(names), name)
+
+
+def load_array_file(path: Path, resolution: int) -> SegArrays:
+    """A cache file used directly as a dataset (named by its file name)."""
+    match = re.fullmatch(r"(.+)-(\d+)px-[0-9a-f]+\.npz", path.name)
+    if not path.is_file():
+        raise DataError("preprocessed array file not found", path)
+    if match is None:
+        raise DataError("not an imaml-seg array file (expected <name>-<R>px-<hash>.npz)", path)
+    if int(match.group(2)) != resolution:
+        raise DataError(f"preprocessed at {match.group(2)} px, the run asks for {resolution} px",
+                        path)
+    arrays = _read_cache(path, match.group(1))
+    if arrays is None:
+        raise DataError("unreadable or damaged array file", path)
+    return arrays
