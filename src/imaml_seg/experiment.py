@@ -198,8 +198,10 @@ def evaluate_unit(
     return path
 
 
-def report(study: Study, target: SegArrays, runs: Path, results: Path) -> dict[str, Any]:
-    """Aggregate the per-method results into ``results/<name>.json`` and figures."""
+def report(
+    study: Study, target: SegArrays, runs: Path, results: Path, *, figures: bool = True
+) -> dict[str, Any]:
+    """Aggregate the per-method results into ``results/<name>.json`` (and figures)."""
     records, machines = [], {}
     for method in study.methods:
         path = results / f"{method}.json"
@@ -228,7 +230,7 @@ def report(study: Study, target: SegArrays, runs: Path, results: Path) -> dict[s
     for key, s in summary.items():
         method, k = key.rsplit("@", 1)
         curves.setdefault(method, {})[int(k)] = (s["mean"], s["ci_low"], s["ci_high"])
-    if curves:
+    if curves and figures:
         dice_vs_shots(curves, results / "dice_vs_shots.png", f"{study.name}: {target.name}")
         _overlays(study, target, runs, results / "overlays.png")
     return out
@@ -268,9 +270,16 @@ def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
 
 
 def run_experiment(
-    spec: Path, paths: Paths, *, quiet: bool = False, only: list[str] | None = None
+    spec: Path,
+    paths: Paths,
+    *,
+    quiet: bool = False,
+    only: list[str] | None = None,
+    figures: bool = True,
 ) -> dict[str, Any]:
-    """Run every unit of the study that has not run yet, then write the report."""
+    """Run every unit of the study that has not run yet, then write the report.
+
+    ``figures=False`` skips the overlay grid and plots, which adapt every method again."""
     study = Study.from_file(spec)
     root = Path(spec).resolve().parent.parent
     results = (paths.out_dir if paths.out_dir != Path(".") else root / "results") / study.name
@@ -284,5 +293,5 @@ def run_experiment(
             raise ConfigError(f"{spec}: method {method} is not in this study")
         train_unit(study, method, paths, runs, quiet)
         evaluate_unit(study, method, target, runs, results, quiet)
-    return report(study, target, runs, results)
+    return report(study, target, runs, results, figures=figures)
 
