@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -136,8 +137,13 @@ def _train_baseline(
         return
     d = config.data
     sampler = TaskSampler(
-        _sources(config, paths), shots=d.shots, query_size=d.query_size, seed=config.seed,
-        test_fraction=d.test_fraction, split_seed=d.split_seed, augment=d.augment,
+        _sources(config, paths),
+        shots=d.shots,
+        query_size=d.query_size,
+        seed=config.seed,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+        augment=d.augment,
     )
     model = build_baseline(method, resolution=d.resolution, seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,9 +190,13 @@ def evaluate_unit(
     wrapper = load_method(study, method, runs, device_default())
     records = evaluate([wrapper], target, config.data, config.eval, seed=config.seed, quiet=quiet)
     payload = {
-        "study": study.name, "method": method, "target": target.name,
-        "sources": list(config.sources), "seconds": round(time.perf_counter() - t0, 1),
-        "machine": machine(), "records": records,
+        "study": study.name,
+        "method": method,
+        "target": target.name,
+        "sources": list(config.sources),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
+        "records": records,
     }
     _train_log = runs / method / "log.jsonl"
     if _train_log.exists():
@@ -220,10 +230,16 @@ def report(
                 if p is not None:
                     tests[f"{REFERENCE}_vs_{other}@{k}"] = p
     out = {
-        "study": study.name, "target": target.name, "sources": list(study.config.sources),
-        "resolution": study.config.data.resolution, "methods": list(study.methods),
-        "summary_dice": summary, "summary_iou": iou, "wilcoxon_p": tests,
-        "machines": machines, "records": records,
+        "study": study.name,
+        "target": target.name,
+        "sources": list(study.config.sources),
+        "resolution": study.config.data.resolution,
+        "methods": list(study.methods),
+        "summary_dice": summary,
+        "summary_iou": iou,
+        "wilcoxon_p": tests,
+        "machines": machines,
+        "records": records,
     }
     (results.parent / f"{study.name}.json").write_text(json.dumps(out) + "\n")
     curves = {}
@@ -245,8 +261,11 @@ def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
         target, k, 0, seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed
     )
     test_x, test_y = test_pool(
-        target, test_fraction=d.test_fraction, split_seed=d.split_seed,
-        size=config.eval.test_size, seed=config.seed,
+        target,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+        size=config.eval.test_size,
+        seed=config.seed,
     )
     rows = []
     order = None
@@ -262,11 +281,24 @@ def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
     if order is None:
         return
     grid = [
-        (m, test_x[order].numpy(), p[order, 0].numpy().astype(bool),
-         test_y[order, 0].numpy().astype(bool))
+        (
+            m,
+            test_x[order].numpy(),
+            p[order, 0].numpy().astype(bool),
+            test_y[order, 0].numpy().astype(bool),
+        )
         for m, p in rows
     ]
     overlay_grid(grid, png, col_titles=["best"] * 3 + ["worst"] * 3)
+
+
+def study_dirs(spec: Path, paths: Paths) -> tuple[Study, Path, Path]:
+    """The study, its results folder (``results/<name>``) and its runs folder (``runs/<name>``),
+    both beside the spec's ``experiments/`` folder unless ``paths.out_dir`` names the results'."""
+    study = Study.from_file(spec)
+    root = Path(spec).resolve().parent.parent
+    results = (paths.out_dir if paths.out_dir != Path(".") else root / "results") / study.name
+    return study, results, root / "runs" / study.name
 
 
 def run_experiment(
@@ -280,13 +312,12 @@ def run_experiment(
     """Run every unit of the study that has not run yet, then write the report.
 
     ``figures=False`` skips the overlay grid and plots, which adapt every method again."""
-    study = Study.from_file(spec)
-    root = Path(spec).resolve().parent.parent
-    results = (paths.out_dir if paths.out_dir != Path(".") else root / "results") / study.name
-    runs = root / "runs" / study.name
+    study, results, runs = study_dirs(spec, paths)
     target = load_arrays(
-        study.config.target, study.config.data.resolution,
-        data_root=paths.data_root, cache_dir=paths.cache_dir,
+        study.config.target,
+        study.config.data.resolution,
+        data_root=paths.data_root,
+        cache_dir=paths.cache_dir,
     )
     for method in only or study.methods:
         if method not in study.methods:
@@ -295,3 +326,52 @@ def run_experiment(
         evaluate_unit(study, method, target, runs, results, quiet)
     return report(study, target, runs, results, figures=figures)
 
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The study's Dice table (mean and 95 % CI per shot count), from ``results/<name>.json``."""
+    summary, tests = result["summary_dice"], result["wilcoxon_p"]
+    shots = sorted({int(key.rsplit("@", 1)[1]) for key in summary})
+    done = [m for m in result["methods"] if any(k.startswith(f"{m}@") for k in summary)]
+    head = "| method | " + " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
+    head += f" | IoU {shots[len(shots) // 2]}-shot | p vs iMAML |\n"
+    head += "|---" * (len(shots) + 3) + "|\n"
+    rows = []
+    mid = shots[len(shots) // 2]
+    for method in done:
+        cells = []
+        for k in shots:
+            s = summary.get(f"{method}@{k}")
+            cells.append(f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "-")
+        iou = result["summary_iou"].get(f"{method}@{mid}")
+        p = tests.get(f"{REFERENCE}_vs_{method}@{mid}")
+        rows.append(
+            f"| {method} | "
+            + " | ".join(cells)
+            + f" | {iou['mean']:.3f} | "
+            + (f"{p:.2g}" if p is not None else "-")
+            + " |"
+        )
+    missing = [m for m in result["methods"] if m not in done]
+    devices = sorted({m["device"] for m in result["machines"].values()})
+    draws = max(s["draws"] for s in summary.values())
+    sources = [re.sub(r"-\d+px-[0-9a-f]+\.npz$", "", Path(s).name) for s in result["sources"]]
+    note = (
+        f"\nTarget {result['target']} (unseen), sources {', '.join(sources)}, "
+        f"{result['resolution']} px, {draws} support draws per shot count (the same for every "
+        f"method); measured on {', '.join(devices)}."
+    )
+    if missing:
+        note += f" Not run yet: {', '.join(missing)}."
+    return head + "\n".join(rows) + "\n" + note + "\n"
+
+
+def update_readme(readme: Path, name: str, table: str) -> bool:
+    """Replace the text between ``<!-- STUDY:name -->`` and ``<!-- /STUDY:name -->``."""
+    begin, end = f"<!-- STUDY:{name} -->", f"<!-- /STUDY:{name} -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}{end}{tail}")
+    return True

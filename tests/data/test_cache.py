@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.data.datafiles import disc, rgb, save
 
 from imaml_seg.data import cache
 from imaml_seg.data.cache import (
@@ -20,6 +19,7 @@ from imaml_seg.data.cache import (
     preprocess,
 )
 from imaml_seg.data.validate import DataError, load_image, load_mask
+from tests.data.datafiles import disc, rgb, save
 
 
 def _files(root: Path) -> dict[str, tuple[int, int]]:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.data.datafiles import disc, generic_tree, rgb, save
 from PIL import Image
 
 from imaml_seg.data.readers import (
@@ -24,6 +23,7 @@ from imaml_seg.data.readers import (
     resolve_dataset,
 )
 from imaml_seg.data.validate import DataError, check_pair, load_image, load_mask
+from tests.data.datafiles import disc, generic_tree, rgb, save
 
 REAL_COUNTS = {"Kvasir-SEG": 1000, "CVC-ClinicDB": 612, "ISIC2018": 1297, "DRIVE": 40}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tests.data.datafiles import disc, generic_tree, rgb, save
 
 from imaml_seg.data.report import dataset_report, format_report
+from tests.data.datafiles import disc, generic_tree, rgb, save
 
 
 def test_report_lists_all_problems(tmp_path: Path) -> None:

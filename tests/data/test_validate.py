@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from tests.data.datafiles import disc, rgb, save
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,6 +26,7 @@ from imaml_seg.data.validate import (
     validate_pair,
     validate_pairs,
 )
+from tests.data.datafiles import disc, rgb, save
 
 # ----------------------------------------------------------------------------- formats
 

@@ -203,8 +203,9 @@ def load_arrays(
 
     ``spec`` is a known dataset name (under ``data_root``), a folder, ``synthetic:<domain>``
     (optionally ``synthetic:<domain>:<n>``; generated, not cached), or a cache file
-    (``<name>-<R>px-<fingerprint>.npz``) used as it is, on a machine without the raw files.  Raises DataError listing the
-    first few problems (and how many there are) if any pair has an error; warnings are ignored.
+    (``<name>-<R>px-<fingerprint>.npz``) used as it is, on a machine without the raw files.
+    Raises DataError listing the first few problems (and how many there are) if any pair has an
+    error; warnings are ignored.
     """
     if spec.startswith("synthetic:"):
         from imaml_seg.data.synthetic import parse_synthetic, synthetic_arrays

@@ -1,0 +1,37 @@
+"""The README's two commands stay true: CI runs the test command verbatim, the demo exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_readme_opens_with_exactly_two_commands() -> None:
+    demo, tests = commands()
+    assert demo.endswith("imaml-seg demo") and "pip install" in demo
+    assert tests.endswith("pytest -q") and "'.[dev]'" in tests
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert commands()[1] in ci
+
+
+def test_study_tables_in_the_readme_match_their_results() -> None:
+    import json
+
+    from imaml_seg.experiment import markdown_table
+
+    text = (REPO / "README.md").read_text()
+    for name in re.findall(r"<!-- STUDY:(\w+) -->", text):
+        result = json.loads((REPO / "results" / f"{name}.json").read_text())
+        block = text.split(f"<!-- STUDY:{name} -->\n", 1)[1].split(f"<!-- /STUDY:{name} -->")[0]
+        assert block == markdown_table(result), f"README table of {name} is stale"
