@@ -29,7 +29,7 @@ def sum_squares(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _config(**inner) -> RunConfig:
-    implicit = inner.pop("implicit", ImplicitConfig())
+    implicit = inner.pop("implicit", ImplicitConfig(hessian="exact"))
     return RunConfig(inner=InnerConfig(**inner), implicit=implicit)
 
 
@@ -112,7 +112,7 @@ def test_imaml_tends_to_the_query_gradient_as_lam_grows(tiny_net, blobs) -> None
     distances = []
     for lam in (10.0, 100.0, 1e4, 1e6):
         # Proximal SGD is stable only for inner_lr * lam < 2.
-        implicit = ImplicitConfig(cg_steps=20)
+        implicit = ImplicitConfig(cg_steps=20, hessian="exact")
         config = _config(inner_steps=5, inner_lr=min(0.1, 1 / lam), lam=lam, implicit=implicit)
         result = meta_gradient("imaml", net, theta, task, config)
         assert result.ok
@@ -160,7 +160,9 @@ def test_nan_in_task_data_is_flagged_and_never_leaks(tiny_net, blobs, algorithm,
     poisoned = getattr(task, where).clone()
     poisoned[0, 0, 1, 1] = math.nan
     task = Task(**{**task.__dict__, where: poisoned})
-    config = _config(inner_steps=2, inner_lr=0.1, implicit=ImplicitConfig(cg_steps=2))
+    config = _config(
+        inner_steps=2, inner_lr=0.1, implicit=ImplicitConfig(cg_steps=2, hessian="exact")
+    )
     result = meta_gradient(algorithm, net, theta, task, config)
     assert not result.ok
     assert result.stats["reason"] in ("inner_nonfinite", "query_nonfinite")

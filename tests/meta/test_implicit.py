@@ -137,7 +137,7 @@ def test_implicit_meta_grad_matches_dense_solve(problem, damping: float) -> None
     system = eye + (h + damping * eye) / lam
     assert torch.linalg.eigvalsh(system).min() > 0.4
     expected = torch.linalg.solve(system, flatten(g))
-    config = ImplicitConfig(cg_steps=3 * n, damping=damping, rtol=1e-13)
+    config = ImplicitConfig(cg_steps=3 * n, damping=damping, rtol=1e-13, hessian="exact")
     v, result = implicit_meta_grad(loss, params, g, lam=lam, config=config)
     assert result.status == "converged", result.residuals[-5:]
     assert set(v) == set(params)
@@ -179,7 +179,11 @@ def test_implicit_meta_grad_on_quadratic_equals_closed_form() -> None:
 
     lam = 2.0
     v, result = implicit_meta_grad(
-        support_loss, phi, g, lam=lam, config=ImplicitConfig(cg_steps=d, rtol=1e-14)
+        support_loss,
+        phi,
+        g,
+        lam=lam,
+        config=ImplicitConfig(cg_steps=d, rtol=1e-14, hessian="exact"),
     )
     expected = lam * torch.linalg.solve(a_mat + lam * torch.eye(d, dtype=torch.float64), g["w"])
     assert result.iterations <= d
@@ -195,7 +199,7 @@ def test_implicit_meta_grad_uses_the_given_solver() -> None:
 
     phi = {"w": torch.ones(3, dtype=torch.float64)}
     g = {"w": torch.arange(3.0, dtype=torch.float64)}
-    config = ImplicitConfig(cg_steps=4, rtol=1e-5)
+    config = ImplicitConfig(cg_steps=4, rtol=1e-5, hessian="exact")
     v, result = implicit_meta_grad(
         lambda p: (p["w"] ** 2).sum(), phi, g, lam=1.0, config=config, solve=identity_solver
     )
@@ -217,6 +221,8 @@ def test_nonfinite_curvature_is_reported_and_solution_finite(problem) -> None:
     bad[0, 0, 0, 0] = math.nan
     loss = lambda p: dice_bce_loss(forward(net, p, bad), sy)  # noqa: E731
     g = grad(lambda p: dice_bce_loss(forward(net, p, qx), qy))(params)
-    v, result = implicit_meta_grad(loss, params, g, lam=1.0, config=ImplicitConfig(cg_steps=5))
+    v, result = implicit_meta_grad(
+        loss, params, g, lam=1.0, config=ImplicitConfig(cg_steps=5, hessian="exact")
+    )
     assert result.status == "nonfinite"
     assert all(torch.isfinite(t).all() for t in v.values())
