@@ -65,6 +65,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
