@@ -207,3 +207,17 @@ def test_every_command_has_help_with_an_example(capsys) -> None:
             main([command, "--help"])
         assert exit_.value.code == 0
         assert "example:" in capsys.readouterr().out
+
+
+def test_the_shipped_model_adapts_and_predicts_without_meta_training(tmp_path) -> None:
+    from imaml_seg.cli import resolve_model
+
+    shipped = resolve_model("shipped")
+    assert shipped.config.meta.algorithm == "imaml" and shipped.config.meta.warm_start
+    assert set(shipped.config.sources) == {"Kvasir-SEG", "CVC-ClinicDB", "ISIC2018", "DRIVE"}
+    support = generic_tree(tmp_path / "support", n=3, h=48, w=64)
+    images = generic_tree(tmp_path / "new", n=2, h=48, w=64) / "images"
+    out = tmp_path / "pred"
+    assert main(["predict", "--support", str(support), "--images", str(images), "--out",
+                 str(out), "--inner-steps", "3", "-q"]) == 0
+    assert len(list((out / "masks").glob("*.png"))) == 2
