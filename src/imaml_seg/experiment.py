@@ -208,6 +208,11 @@ def evaluate_unit(
     return path
 
 
+def reference(methods: tuple[str, ...] | list[str]) -> str:
+    """The method others are tested against: iMAML, else its warm-started variant."""
+    return REFERENCE if REFERENCE in methods else "imaml_warm"
+
+
 def report(
     study: Study, target: SegArrays, runs: Path, results: Path, *, figures: bool = True
 ) -> dict[str, Any]:
@@ -223,12 +228,13 @@ def report(
     iou = {f"{m}@{k}": s for (m, k), s in summarise(records, "iou").items()}
     tests = {}
     shots = sorted({r["shots"] for r in records})
+    ref = reference(study.methods)
     for other in study.methods:
-        if other != REFERENCE:
+        if other != ref:
             for k in shots:
-                p = paired_wilcoxon(records, REFERENCE, other, k)
+                p = paired_wilcoxon(records, ref, other, k)
                 if p is not None:
-                    tests[f"{REFERENCE}_vs_{other}@{k}"] = p
+                    tests[f"{ref}_vs_{other}@{k}"] = p
     out = {
         "study": study.name,
         "target": target.name,
@@ -333,7 +339,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     shots = sorted({int(key.rsplit("@", 1)[1]) for key in summary})
     done = [m for m in result["methods"] if any(k.startswith(f"{m}@") for k in summary)]
     head = "| method | " + " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
-    head += f" | IoU {shots[len(shots) // 2]}-shot | p vs iMAML |\n"
+    ref = reference(result["methods"])
+    head += f" | IoU {shots[len(shots) // 2]}-shot | Wilcoxon p vs {ref} |\n"
     head += "|---" * (len(shots) + 3) + "|\n"
     rows = []
     mid = shots[len(shots) // 2]
@@ -343,7 +350,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             s = summary.get(f"{method}@{k}")
             cells.append(f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "-")
         iou = result["summary_iou"].get(f"{method}@{mid}")
-        p = tests.get(f"{REFERENCE}_vs_{method}@{mid}")
+        p = tests.get(f"{ref}_vs_{method}@{mid}")
         rows.append(
             f"| {method} | "
             + " | ".join(cells)
@@ -352,11 +359,18 @@ def markdown_table(result: dict[str, Any]) -> str:
             + " |"
         )
     missing = [m for m in result["methods"] if m not in done]
-    devices = sorted({m["device"] for m in result["machines"].values()})
+    devices = sorted(
+        {
+            m["device"] if m["device"] != "cpu" else f"a CPU ({m['cpu_threads']} torch threads)"
+            for m in result["machines"].values()
+        }
+    )
     draws = max(s["draws"] for s in summary.values())
     sources = [re.sub(r"-\d+px-[0-9a-f]+\.npz$", "", Path(s).name) for s in result["sources"]]
     note = (
-        f"\nTarget {result['target']} (unseen), sources {', '.join(sources)}, "
+        f"\nTarget {result['target']} "
+        + ("(test pool; a training dataset)" if result["target"] in sources else "(unseen)")
+        + f", sources {', '.join(sources)}, "
         f"{result['resolution']} px, {draws} support draws per shot count (the same for every "
         f"method); measured on {', '.join(devices)}."
     )
