@@ -185,37 +185,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_adapt(args: argparse.Namespace) -> int:
+def adapt_on_folder(ckpt: Checkpoint, folder: str, args: argparse.Namespace) -> Checkpoint:
+    """``ckpt`` fine-tuned by ``adapt()`` on a labelled folder (images/, masks/)."""
     import torch
 
     from imaml_seg.data.cache import load_arrays
 
-    ckpt = resolve_model(args.model)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"{out}: exists; pass --overwrite to replace it")
     support = load_arrays(
-        args.support,
+        folder,
         ckpt.config.data.resolution,
         data_root=None,
         cache_dir=_paths(args).cache_dir,
         progress=not args.quiet,
     )
-    method = method_for(ckpt, "adapted", args.inner_steps)
     t0 = time.perf_counter()
-    phi = method.adapt(torch.from_numpy(support.images), torch.from_numpy(support.masks))
-    seconds = time.perf_counter() - t0
+    phi = method_for(ckpt, "adapted", args.inner_steps).adapt(
+        torch.from_numpy(support.images), torch.from_numpy(support.masks)
+    )
     state = {
         "adapted_from": str(args.model),
-        "support": str(Path(args.support).resolve()),
+        "support": str(Path(folder).resolve()),
         "shots": len(support.names),
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    save_checkpoint(
-        out, Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()}, 0, {}, state)
-    )
+    return Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()}, 0, {}, state)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out}: exists; pass --overwrite to replace it")
+    adapted = adapt_on_folder(resolve_model(args.model), args.support, args)
+    save_checkpoint(out, adapted)
     if not args.quiet:
-        print(f"adapted on {len(support.names)} images in {seconds:.1f} s -> {out}")
+        state = adapted.state
+        print(f"adapted on {state['shots']} images in {state['seconds']:.1f} s -> {out}")
     return 0
 
 
@@ -224,21 +228,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     ckpt = resolve_model(args.model)
     if args.support:
-        import torch
-
-        from imaml_seg.data.cache import load_arrays
-
-        support = load_arrays(
-            args.support,
-            ckpt.config.data.resolution,
-            data_root=None,
-            cache_dir=_paths(args).cache_dir,
-            progress=not args.quiet,
-        )
-        phi = method_for(ckpt, "adapted", args.inner_steps).adapt(
-            torch.from_numpy(support.images), torch.from_numpy(support.masks)
-        )
-        ckpt = Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()})
+        ckpt = adapt_on_folder(ckpt, args.support, args)
     rows = predict_folder(
         ckpt,
         Path(args.images),
