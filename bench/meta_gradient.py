@@ -98,7 +98,7 @@ QUICK = {
     "ks": (1, 2),
     "ms": (2,),
     "repeats": 1,
-    "primitive_repeats": 2,
+    "primitive_repeats": 1,
     "threads": 1,
     "damping": 50.0,
 }
@@ -113,8 +113,9 @@ PEER_MODULE = {TORCHOPT: "torchopt", HIGHER: "higher"}
 
 MEMORY_CHILD_THREADS = 1
 """Torch threads in the memory children.  The peak does not depend on it (measured here: one
-gradient 32.3 vs 32.5 MiB, one iMAML meta-gradient 81.6 vs 81.5 MiB at 1 vs 2 threads), but two
-threads freeing per-tensor mappings made the children 10-30x slower on a loaded 2-core VM."""
+gradient 32.3 vs 32.5 MiB, one iMAML meta-gradient 81.6 vs 81.5 MiB at 1 vs 2 threads), while on
+a 2-core machine shared with other jobs two OpenMP threads waiting for each other at every
+operator made the children 10-40x slower (see ``_common.thread_check``)."""
 
 GOAL_SPEEDUP = 1.5
 GOAL_IDEAL = 1.2
@@ -487,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     thread_check = common.thread_check(prims["t_grad"], device)
     primitives = {}
     for name, fn in prims.items():
-        primitives[name] = common.time_repeated(fn, device, preset["primitive_repeats"], warmup=2)
+        warmup = 1 if args.quick else 2
+        primitives[name] = common.time_repeated(fn, device, preset["primitive_repeats"], warmup)
         log(f"  {name}: {primitives[name]['median_s']:.4f} s")
     t_grad = primitives["t_grad"]["median_s"]
     t_hvp, t_ggn = primitives["t_hvp"]["median_s"], primitives["t_ggn"]["median_s"]
