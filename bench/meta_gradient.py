@@ -23,7 +23,12 @@ query synthetic images, ``TaskSampler`` on ``synthetic:0``), all in the same pro
    support Hessian has eigenvalues down to about -40 (power iteration, 64 px), while proximal SGD
    at lr 0.1 needs lam < 20, so without it CG meets negative curvature, ours stops early by design
    (fewer products, a different answer) and the peers run on with meaningless iterates: neither
-   the work nor the result would be equal.  The cost per product does not depend on damping;
+   the work nor the result would be equal.  The inner step is 0.05 (``--inner-lr``), not the
+   default 0.1: at 0.1 proximal SGD on this network is unstable along the top Hessian direction
+   (about 51 at phi after 20 steps, so |1 - lr (51 + lam)| = 4.2 per step) and amplifies float32
+   rounding differences: the same peer at 1 and at 2 threads gave meta-gradients with cosine 0.79
+   at k = 20, while at 0.05 every pair agrees to 1.0000.  Neither damping nor the step size
+   changes the cost of a step or a product;
 3. the cost model ``ideal = (k + 1) t_grad + m t_curv`` (``t_curv`` = ``t_hvp``, or ``t_ggn`` for
    the GGN variant) and ``measured / ideal``;
 4. peak memory of each configuration (method below) and its growth with k;
@@ -71,7 +76,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vjp
 
-from imaml_seg.config import DataConfig, ImplicitConfig, ModelConfig, RunConfig, merge
+from imaml_seg.config import (
+    DataConfig,
+    ImplicitConfig,
+    InnerConfig,
+    ModelConfig,
+    RunConfig,
+    merge,
+)
 from imaml_seg.data.synthetic import synthetic_arrays
 from imaml_seg.data.tasks import Task, TaskSampler
 from imaml_seg.losses import dice_bce_loss
@@ -91,6 +103,7 @@ FULL = {
     "primitive_repeats": 15,
     "threads": 2,
     "damping": 50.0,
+    "inner_lr": 0.05,
 }
 QUICK = {
     "resolution": 32,
@@ -101,6 +114,7 @@ QUICK = {
     "primitive_repeats": 1,
     "threads": 1,
     "damping": 50.0,
+    "inner_lr": 0.05,
 }
 
 OURS_EXACT = "ours-imaml-exact"
@@ -143,11 +157,16 @@ class Setup:
 
 
 def build_setup(
-    resolution: int, features: tuple[int, ...], device: torch.device, damping: float
+    resolution: int,
+    features: tuple[int, ...],
+    device: torch.device,
+    damping: float,
+    inner_lr: float,
 ) -> Setup:
     config = RunConfig(
         data=DataConfig(resolution=resolution),
         model=ModelConfig(features=tuple(features)),
+        inner=InnerConfig(inner_lr=inner_lr),
         implicit=ImplicitConfig(damping=damping),
     )
     torch.manual_seed(config.seed)
@@ -375,7 +394,8 @@ def memory_child(spec: dict[str, Any]) -> None:
     """Child mode: peak memory of each job of ``spec`` in this fresh process; prints JSON."""
     torch.set_num_threads(spec["threads"])
     device = torch.device("cpu")
-    s = build_setup(spec["resolution"], tuple(spec["features"]), device, spec["damping"])
+    s = build_setup(spec["resolution"], tuple(spec["features"]), device, spec["damping"],
+                    spec["inner_lr"])
     prims = None
     out = []
     for job in spec["jobs"]:
@@ -404,7 +424,7 @@ def measure_memory(
             fn()
             results.append(dict(job, **common.peak_memory(fn, s.device)))
         return results
-    base = {k: settings[k] for k in ("resolution", "features", "damping")}
+    base = {k: settings[k] for k in ("resolution", "features", "damping", "inner_lr")}
     base["threads"] = MEMORY_CHILD_THREADS
     groups = [jobs] if one_child else [[job] for job in jobs]
     results = []
@@ -447,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--features", type=int, nargs=6, default=None)
     parser.add_argument("--damping", type=float, default=None,
                         help="added to H in every method's system (default 50; see README)")
+    parser.add_argument("--inner-lr", type=float, default=None,
+                        help="inner SGD step (default 0.05, a stable one; see README)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -458,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(json.loads(args.child_memory))
         return 0
     preset = dict(QUICK if args.quick else FULL)
-    for key in ("resolution", "threads", "repeats", "ks", "ms", "features", "damping"):
+    for key in ("resolution", "threads", "repeats", "ks", "ms", "features", "damping", "inner_lr"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     preset["features"] = tuple(preset["features"])
@@ -477,9 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         from torchopt import accelerated_op
 
         peers["torchopt"]["accelerated_op_available"] = bool(accelerated_op.is_available())
-    s = build_setup(preset["resolution"], preset["features"], device, preset["damping"])
+    s = build_setup(preset["resolution"], preset["features"], device, preset["damping"],
+                    preset["inner_lr"])
     settings = dict(preset, shots=5, query_size=5, lam=s.config.inner.lam,
-                    inner_lr=s.config.inner.inner_lr, rtol=s.config.implicit.rtol,
+                    rtol=s.config.implicit.rtol,
                     num_params=num_params(s.theta), memory=not args.no_memory)
     log(f"meta_gradient bench: {settings} on {device}, load {common.load_average()}")
 
