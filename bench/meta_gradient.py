@@ -7,9 +7,10 @@ On one U-Net (``ModelConfig`` default widths unless ``--features``) and one task
 query synthetic images, ``TaskSampler`` on ``synthetic:0``), all in the same process:
 
 1. primitives: ``t_grad`` (one support-loss gradient, ``torch.func.grad``), ``t_hvp`` (one exact
-   Hessian-vector product, ``imaml_seg.meta.implicit.hvp``, forward-over-reverse), ``t_ggn`` (one
-   Gauss-Newton product as CG uses it: ``ggn_matvec`` built once, then per product; the build is
-   ``t_ggn_setup``), and for reference a double-backward HVP on a kept graph and a forward pass;
+   Hessian-vector product as CG uses it: ``imaml_seg.meta.implicit.hvp_matvec`` built once, the
+   build is ``t_hvp_setup``, then per product), ``t_ggn`` (the same for a Gauss-Newton product,
+   ``ggn_matvec``; build ``t_ggn_setup``), and for reference a double-backward HVP on a kept
+   autograd graph (the peers' way), a one-shot forward-over-reverse ``hvp`` and a forward pass;
 2. one meta-gradient, at inner steps k and CG steps m, for
    ``ours-imaml-exact`` (``meta_gradient('imaml')``, ``implicit.hessian = 'exact'``),
    ``ours-imaml-ggn`` (the same with ``'ggn'``, our default), ``ours-maml`` (second order, per k),
@@ -74,7 +75,7 @@ from typing import Any
 import _common as common
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vjp
+from torch.func import functional_call, grad, grad_and_value
 
 from imaml_seg.config import (
     DataConfig,
@@ -88,7 +89,7 @@ from imaml_seg.data.synthetic import synthetic_arrays
 from imaml_seg.data.tasks import Task, TaskSampler
 from imaml_seg.losses import dice_bce_loss
 from imaml_seg.meta.algorithms import ggn_curvature, meta_gradient
-from imaml_seg.meta.implicit import ggn_matvec, hvp
+from imaml_seg.meta.implicit import ggn_matvec, hvp, hvp_matvec
 from imaml_seg.model import Params, build_model, flatten, forward, get_params, num_params, unflatten
 
 SCRIPT = Path(__file__).resolve()
@@ -369,7 +370,7 @@ def primitive_runners(s: Setup) -> dict[str, Callable[[], Any]]:
         return torch.autograd.grad(sgrad, list(leaves.values()), list(v.values()),
                                    retain_graph=True)
 
-    _, vjp_of_grad = vjp(grad(loss), theta)  # reverse-over-reverse through torch.func, kept
+    ours_hvp = hvp_matvec(loss, theta)  # what CG uses: the gradient's graph, recorded once
 
     def t_forward() -> Any:
         with torch.no_grad():
@@ -377,12 +378,12 @@ def primitive_runners(s: Setup) -> dict[str, Callable[[], Any]]:
 
     return {
         "t_grad": t_grad,
-        "t_hvp": lambda: hvp(loss, theta, v),
+        "t_hvp": lambda: ours_hvp(v),
+        "t_hvp_setup": lambda: hvp_matvec(loss, theta),
         "t_ggn": lambda: ggn(v),
         "t_ggn_setup": lambda: ggn_matvec(output, curvature, theta),
         "t_hvp_double_backward_kept_graph": double_backward,
-        "t_hvp_func_vjp_of_grad_kept": lambda: vjp_of_grad(v),
-        "t_hvp_func_vjp_of_grad_setup": lambda: vjp(grad(loss), theta),
+        "t_hvp_forward_over_reverse": lambda: hvp(loss, theta, v),
         "t_forward_no_grad": t_forward,
     }
 
@@ -571,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. memory
     memory_note = None
     if not args.no_memory:
-        jobs = [{"method": name} for name in ("t_grad", "t_hvp", "t_ggn")]
+        jobs = [{"method": name} for name in ("t_grad", "t_hvp_setup", "t_hvp", "t_ggn")]
         jobs += [{"method": r["method"], "k": r["k"], "m": r["m"]} for r in rows
                  if r["status"] == "ok" or r["status"].startswith("failed")]
         mem = measure_memory(jobs, s, settings, one_child=args.quick)

@@ -62,8 +62,11 @@ def test_meta_gradient_json(results: dict[str, dict[str, Any]]) -> None:
                 assert "median_s" not in row
                 continue
             assert row["status"] == "ok", row
-            for key in ("median_s", "grad_equivalents", "peak_bytes"):
+            for key in ("median_s", "grad_equivalents"):
                 assert _positive(row[key]), (method, k, key)
+            # --quick measures every job in one child, where a small job can reuse heap pages
+            # freed by an earlier, larger one and add no resident memory: >= 0, not > 0.
+            assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= 0, (method, k)
             if method != "ours-maml":
                 assert _positive(row["ideal_s"]) and _positive(row["ratio_to_ideal"])
             if method in PEERS:

@@ -16,6 +16,7 @@ from imaml_seg.meta.implicit import (
     ggn_matvec,
     ggn_vp,
     hvp,
+    hvp_matvec,
     implicit_meta_grad,
     output_hvp_of,
 )
@@ -54,6 +55,19 @@ def test_hvp_matches_full_hessian(problem) -> None:
     assert set(product) == set(params)
     assert _rel(flatten(product), full @ flatten(v)) < 1e-10
     assert all(t.grad_fn is None for t in product.values())
+
+
+def test_hvp_matvec_reuses_one_graph_for_many_exact_products(problem) -> None:
+    net, params, sx, sy, _, _ = problem
+    loss = lambda p: dice_bce_loss(forward(net, p, sx), sy)  # noqa: E731
+    full = hessian(_flat_fn(loss, params))(flatten(params))
+    leaf = {k: t.clone().requires_grad_() for k, t in params.items()}
+    product = hvp_matvec(loss, leaf)
+    for seed in range(3):  # the same recorded graph answers every product
+        v = _random_like(params, seed)
+        out = product(v)
+        assert _rel(flatten(out), full @ flatten(v)) < 1e-10
+        assert all(t.grad_fn is None and not t.requires_grad for t in out.values())
 
 
 def test_hvp_keeps_no_graph_even_for_leaf_weights(problem) -> None:

@@ -42,6 +42,24 @@ def hvp(loss_fn: LossFn, params: Params, v: Params) -> Params:
     return {name: t.detach() for name, t in out.items()}
 
 
+def hvp_matvec(loss_fn: LossFn, params: Params) -> Callable[[Params], Params]:
+    """The product ``v -> H v`` at ``params``, reusable across CG iterations.
+
+    Reverse-over-reverse: the gradient's graph is recorded once (``vjp`` of ``grad``: about one
+    gradient's cost) and each product is one backward pass through it (about 1.8 gradients),
+    against 3.2 for a fresh ``hvp`` (measured in ``bench/meta_gradient.py``).  ``H`` is
+    symmetric, so the vjp ``v^T H`` is ``H v``.  The graph (about two gradients' activations) is
+    kept while the returned function lives; memory does not depend on how often it is called.
+    """
+    _, pullback = vjp(grad(loss_fn), _detached(params))
+
+    def product(v: Params) -> Params:
+        (out,) = pullback(_detached(v))
+        return {name: t.detach() for name, t in out.items()}
+
+    return product
+
+
 def output_hvp_of(loss_of_output: OutputLoss) -> OutputHVP:
     """The exact output Hessian of ``loss_of_output``, by autodiff (``jvp`` of ``grad``)."""
 
@@ -176,10 +194,7 @@ def implicit_meta_grad(
             raise ValueError("config.hessian == 'ggn' needs ggn=(output_fn, output_hvp)")
         curvature = ggn_matvec(ggn[0], ggn[1], phi)
     elif config.hessian == "exact":
-        phi_d = _detached(phi)
-
-        def curvature(v: Params) -> Params:
-            return hvp(support_loss, phi_d, v)
+        curvature = hvp_matvec(support_loss, phi)
     else:
         raise ValueError(f"unknown hessian '{config.hessian}' (use 'exact' or 'ggn')")
 

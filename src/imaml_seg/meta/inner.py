@@ -43,10 +43,16 @@ class AdaptResult:
 
 
 def all_finite(tensors: Params) -> bool:
-    """True if no entry of any tensor is NaN or infinite (one device sync)."""
+    """True if no entry of any tensor is NaN or infinite (one device sync).
+
+    Checks the sum of the tensors' norms (one fused pass): it is NaN or Inf when an entry is, and
+    also when a norm overflows the dtype's range, which counts as non-finite here too.
+    """
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all())
+    with torch.no_grad():
+        norms = torch._foreach_norm([t.detach() for t in tensors.values()])
+        return bool(torch.isfinite(torch.stack(norms).sum()))
 
 
 class _Step:
@@ -64,7 +70,11 @@ class _Step:
 
     def __call__(self, params: Params, grads: Params) -> Params:
         if not self.adam:
-            return {k: p - self.lr * grads[k] for k, p in params.items()}
+            keys = list(params)
+            moved = torch._foreach_add(
+                [params[k] for k in keys], [grads[k] for k in keys], alpha=-self.lr
+            )
+            return dict(zip(keys, moved, strict=True))
         b1, b2 = ADAM_BETAS
         self.t += 1
         c1, c2 = 1 - b1**self.t, 1 - b2**self.t
@@ -130,7 +140,10 @@ def adapt(
             total, loss = objective(phi)
             grads = _grads_with_graph(total, phi)
         else:
-            grads, (total, loss) = grad_and_value(objective, has_aux=True)(phi)
+            grads, total = grad_and_value(task_loss)(phi)
+            if proximal:
+                grads = _add_proximal(grads, phi, anchor, config.lam)
+            loss = total = total.detach()
         losses.append(float(loss))
         if not math.isfinite(float(total.detach())):
             if previous is None:
@@ -147,6 +160,14 @@ def adapt(
     if not math.isfinite(final) and previous is not None:
         return AdaptResult(previous, losses, losses[-1], "nonfinite")
     return AdaptResult(phi, losses, final, "ok" if math.isfinite(final) else "nonfinite")
+
+
+def _add_proximal(grads: Params, phi: Params, anchor: Params, lam: float) -> Params:
+    """``grads + lam (phi - anchor)``: the proximal term's gradient, in closed form."""
+    keys = list(grads)
+    diff = torch._foreach_sub([phi[k] for k in keys], [anchor[k] for k in keys])
+    total = torch._foreach_add([grads[k] for k in keys], diff, alpha=lam)
+    return dict(zip(keys, total, strict=True))
 
 
 def _grads_with_graph(total: Tensor, params: Params) -> Params:
