@@ -359,12 +359,18 @@ def markdown_table(result: dict[str, Any]) -> str:
             + " |"
         )
     missing = [m for m in result["methods"] if m not in done]
-    devices = sorted(
-        {
-            m["device"] if m["device"] != "cpu" else f"a CPU ({m['cpu_threads']} torch threads)"
-            for m in result["machines"].values()
-        }
-    )
+    by_device: dict[str, list[str]] = {}
+    for method, m in result["machines"].items():
+        threads = m["cpu_threads"]
+        name = (
+            m["device"]
+            if m["device"] != "cpu"
+            else f"a CPU ({threads} torch thread{'s' if threads != 1 else ''})"
+        )
+        by_device.setdefault(name, []).append(method)
+    devices = sorted(by_device)
+    if len(devices) > 1:
+        devices = [f"{d} ({', '.join(by_device[d])})" for d in devices]
     draws = max(s["draws"] for s in summary.values())
     sources = [re.sub(r"-\d+px-[0-9a-f]+\.npz$", "", Path(s).name) for s in result["sources"]]
     note = (

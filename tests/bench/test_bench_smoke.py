@@ -1,4 +1,4 @@
-"""Smoke test of the benchmarks: both scripts run in --quick mode and write well-formed JSON.
+"""Smoke test of the benchmarks: every script runs in --quick mode and write well-formed JSON.
 
 No timing is asserted.  torchopt and higher are optional (the ``bench`` extra; CI installs only
 ``.[dev]``): their rows are either measured or read "unavailable: ...".
@@ -40,6 +40,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return {
         "meta_gradient": _run("meta_gradient.py", folder / "meta_gradient.json"),
         "throughput": _run("throughput.py", folder / "throughput.json"),
+        "options": _run("options.py", folder / "options.json"),
     }
 
 
@@ -93,3 +94,22 @@ def test_throughput_json(results: dict[str, dict[str, Any]]) -> None:
     assert _positive(data["data_loading"]["imaml_meta_gradient"]["median_s"])
     assert _positive(data["data_loading"]["loading_share"])
     assert data["goals"] and data["goals"][0]["met"] in (True, False)
+
+
+def test_options_json(results: dict[str, dict[str, Any]]) -> None:
+    data = results["options"]
+    rows = data["options"]
+    assert set(rows) == {"vmap_tasks", "channels_last", "torch_compile", "threads"}
+    for name in ("vmap_tasks", "channels_last"):  # measured even in --quick
+        row = rows[name]
+        assert _positive(row["default"]["median_s"]) and _positive(row["option"]["median_s"])
+        assert row["speedup"] == pytest.approx(
+            row["default"]["median_s"] / row["option"]["median_s"]
+        )
+        assert row["wins"] is (row["speedup"] >= data["settings"]["win_threshold"])
+        assert row["max_rel_diff"] < 1e-4, name  # the option computes the same gradient
+    for name, row in rows.items():
+        assert isinstance(row["used"], bool) and row["how"], name
+    goals = {goal["name"].split(":")[0]: goal for goal in data["goals"]}
+    assert goals["vmap_tasks"]["met"] is (rows["vmap_tasks"]["used"] == rows["vmap_tasks"]["wins"])
+    assert goals["torch_compile"]["met"] is None  # skipped in --quick
