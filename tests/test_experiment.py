@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import pytest
 
 from imaml_seg.experiment import run_experiment
 from imaml_seg.meta.trainer import Paths
@@ -37,3 +40,30 @@ def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
     assert before == {p: p.stat().st_mtime_ns for p in (results / "mini").glob("*.json")}
     saved = json.loads((results / "mini.json").read_text())
     assert saved["target"] == "synthetic:7" and saved["machines"]["scratch"]["torch"]
+
+
+def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp_path) -> None:
+    spec = tmp_path / "experiments" / "mini.toml"
+    spec.parent.mkdir()
+    spec.write_text(
+        f'name = "mini"\npreset = "{TINY}"\nmethods = ["scratch", "prototype"]\n'
+        "baseline_steps = 2\n[overrides]\neval = { shots = [1], draws = 2 }\n"
+    )
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    folder = tmp_path / "results" / "mini"
+    assert {p.name for p in folder.glob("*.overlay.npz")} == {
+        "scratch.overlay.npz", "prototype.overlay.npz"
+    }
+    # Units trained on another machine: no runs/ here; the saved predictions suffice.
+    shutil.rmtree(tmp_path / "runs")
+    (folder / "overlays.png").unlink()
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    assert (folder / "overlays.png").is_file()
+    # A unit evaluated elsewhere before predictions were saved is left out, with a warning.
+    (folder / "prototype.overlay.npz").unlink()
+    result = json.loads((folder / "prototype.json").read_text())
+    result["machine"]["device"] = "another machine's GPU"
+    (folder / "prototype.json").write_text(json.dumps(result))
+    with pytest.warns(UserWarning, match="left out prototype"):
+        run_experiment(spec, Paths(Path(".")), quiet=True)
+    assert not (folder / "prototype.overlay.npz").exists()

@@ -24,12 +24,15 @@ import platform
 import re
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm import tqdm
 
 from imaml_seg.baselines import build_baseline
@@ -202,10 +205,51 @@ def evaluate_unit(
     if _train_log.exists():
         payload["train_log"] = [json.loads(x) for x in _train_log.read_text().splitlines() if x]
     results.mkdir(parents=True, exist_ok=True)
+    _save_overlay_predictions(study, target, wrapper, results / f"{method}{PREDICTIONS}")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload) + "\n")
     tmp.replace(path)
     return path
+
+
+PREDICTIONS = ".overlay.npz"
+"""Suffix of a unit's saved test-pool predictions for the overlay figure (``results/<split>/``)."""
+
+
+def _overlay_inputs(study: Study, target: SegArrays) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The overlay figure's support set (5 shots, draw 0) and test pool."""
+    config = study.config
+    d = config.data
+    k = 5 if 5 in config.eval.shots else config.eval.shots[0]
+    support_x, support_y = draw_support(
+        target, k, 0, seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed
+    )
+    test_x, test_y = test_pool(
+        target,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+        size=config.eval.test_size,
+        seed=config.seed,
+    )
+    return support_x, support_y, test_x, test_y
+
+
+def _save_overlay_predictions(study: Study, target: SegArrays, wrapper, path: Path) -> None:
+    """Save one unit's binary test-pool predictions (bit-packed, a few kB) for the overlay
+    figure, so that the figure needs no trained weights: units may run on different machines
+    and ``runs/`` is not committed."""
+    support_x, support_y, test_x, _ = _overlay_inputs(study, target)
+    pred = (wrapper.predict(support_x, support_y, test_x) > 0).detach().cpu().numpy()
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, bits=np.packbits(pred.reshape(-1)), shape=np.array(pred.shape))
+    tmp.replace(path)
+
+
+def _load_overlay_predictions(path: Path) -> Tensor:
+    with np.load(path) as data:
+        shape = tuple(int(n) for n in data["shape"])
+        bits = np.unpackbits(data["bits"])[: int(np.prod(shape))]
+    return torch.from_numpy(bits.reshape(shape).astype(np.float32))
 
 
 def reference(methods: tuple[str, ...] | list[str]) -> str:
@@ -259,33 +303,40 @@ def report(
 
 
 def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
-    """Each finished method's predictions after adapting on draw 0, best and worst images."""
-    config, device = study.config, device_default()
-    d = config.data
-    k = 5 if 5 in config.eval.shots else config.eval.shots[0]
-    support_x, support_y = draw_support(
-        target, k, 0, seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed
-    )
-    test_x, test_y = test_pool(
-        target,
-        test_fraction=d.test_fraction,
-        split_seed=d.split_seed,
-        size=config.eval.test_size,
-        seed=config.seed,
-    )
-    rows = []
-    order = None
+    """Each finished method's predictions after adapting on draw 0, best and worst images.
+
+    Predictions come from the unit's saved file; a unit evaluated before those files existed
+    is predicted again only when its trained weights are here and it was evaluated on this kind
+    of machine (so that the figure shows the model the table scores); otherwise it is left out,
+    with a warning."""
+    _, _, test_x, test_y = _overlay_inputs(study, target)
+    rows, missing = [], []
     for method in study.methods:
-        if not (png.parent / f"{method}.json").exists():
+        result = png.parent / f"{method}.json"
+        if not result.exists():
             continue
-        wrapper = load_method(study, method, runs, device)
-        pred = (wrapper.predict(support_x, support_y, test_x) > 0).float()
-        if order is None or method == REFERENCE:  # rank test images by iMAML's Dice
-            ranked = torch.argsort(dice(pred, test_y), descending=True).tolist()
-            order = ranked[:3] + ranked[-3:]  # three good cases, three failures
-        rows.append((method, pred))
-    if order is None:
+        saved = png.parent / f"{method}{PREDICTIONS}"
+        if not saved.exists():
+            evaluated_on = json.loads(result.read_text()).get("machine", {})
+            same_kind = {k: evaluated_on.get(k) for k in ("platform", "device")} == {
+                k: machine()[k] for k in ("platform", "device")
+            }
+            if not (same_kind and _has_weights(method, runs)):
+                missing.append(method)
+                continue
+            wrapper = load_method(study, method, runs, device_default())
+            _save_overlay_predictions(study, target, wrapper, saved)
+        rows.append((method, _load_overlay_predictions(saved)))
+    if missing:
+        warnings.warn(
+            f"{png}: left out {', '.join(missing)} (trained elsewhere, no saved predictions)",
+            stacklevel=2,
+        )
+    if not rows:
         return
+    ref = dict(rows).get(REFERENCE, rows[0][1])  # rank test images by iMAML's Dice
+    ranked = torch.argsort(dice(ref, test_y), descending=True).tolist()
+    order = ranked[:3] + ranked[-3:]  # three good cases, three failures
     grid = [
         (
             m,
@@ -296,6 +347,13 @@ def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
         for m, p in rows
     ]
     overlay_grid(grid, png, col_titles=["best"] * 3 + ["worst"] * 3)
+
+
+def _has_weights(method: str, runs: Path) -> bool:
+    if method == "scratch":
+        return True
+    folder = runs / method
+    return (folder / "weights.safetensors").exists() or (folder / "checkpoint.safetensors").exists()
 
 
 def study_dirs(spec: Path, paths: Paths) -> tuple[Study, Path, Path]:
