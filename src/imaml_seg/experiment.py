@@ -428,7 +428,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         by_device.setdefault(name, []).append(method)
     devices = sorted(by_device)
     if len(devices) > 1:
-        devices = [f"{d} ({', '.join(by_device[d])})" for d in devices]
+        devices = ["; ".join(f"{d}: {', '.join(by_device[d])}" for d in devices)]
     draws = max(s["draws"] for s in summary.values())
     sources = [re.sub(r"-\d+px-[0-9a-f]+\.npz$", "", Path(s).name) for s in result["sources"]]
     note = (
