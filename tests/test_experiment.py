@@ -24,7 +24,8 @@ def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
     out = run_experiment(spec, Paths(Path(".")), quiet=True)
     results = tmp_path / "results"
     assert (results / "mini.json").is_file()
-    for name in ("scratch", "imaml_warm", "prototype", "dice_vs_shots", "overlays"):
+    for name in ("scratch", "imaml_warm", "prototype", "dice_vs_shots", "overlays",
+                 "learning_curves"):
         assert any(p.stem == name for p in (results / "mini").iterdir()), name
     assert (tmp_path / "runs" / "mini" / "transfer" / "checkpoint.safetensors").is_file()
     records = out["records"]

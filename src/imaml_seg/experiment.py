@@ -49,7 +49,7 @@ from imaml_seg.evaluation import (
 from imaml_seg.meta.trainer import Paths, device_default, init_theta, train
 from imaml_seg.metrics import dice
 from imaml_seg.model import build_model
-from imaml_seg.plots import dice_vs_shots, overlay_grid
+from imaml_seg.plots import dice_vs_shots, learning_curves, overlay_grid
 
 THETA_METHODS = ("scratch", "transfer", "fomaml", "maml", "reptile", "imaml", "imaml_warm")
 BASELINES = ("prototype", "incontext")
@@ -261,13 +261,15 @@ def report(
     study: Study, target: SegArrays, runs: Path, results: Path, *, figures: bool = True
 ) -> dict[str, Any]:
     """Aggregate the per-method results into ``results/<name>.json`` (and figures)."""
-    records, machines = [], {}
+    records, machines, train_logs = [], {}, {}
     for method in study.methods:
         path = results / f"{method}.json"
         if path.exists():
             payload = json.loads(path.read_text())
             records += payload["records"]
             machines[method] = payload["machine"]
+            if payload.get("train_log"):
+                train_logs[method] = payload["train_log"]
     summary = {f"{m}@{k}": s for (m, k), s in summarise(records).items()}
     iou = {f"{m}@{k}": s for (m, k), s in summarise(records, "iou").items()}
     tests = {}
@@ -298,6 +300,7 @@ def report(
         curves.setdefault(method, {})[int(k)] = (s["mean"], s["ci_low"], s["ci_high"])
     if curves and figures:
         dice_vs_shots(curves, results / "dice_vs_shots.png", f"{study.name}: {target.name}")
+        learning_curves(train_logs, results / "learning_curves.png")
         _overlays(study, target, runs, results / "overlays.png")
     return out
 

@@ -18,21 +18,36 @@ def learning_curve(log_path: Path, png: Path) -> Path | None:
     if not Path(log_path).exists():
         return None
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
-    losses = [(r["step"], r.get("query_loss", r.get("loss"))) for r in records]
-    losses = [(s, v) for s, v in losses if v is not None]
-    vals = [(r["step"], r["val_dice"]) for r in records if "val_dice" in r]
-    if not losses:
+    return learning_curves({Path(log_path).parent.name: records}, png)
+
+
+def learning_curves(logs: dict[str, list[dict]], png: Path) -> Path | None:
+    """One panel per run: training loss (query loss for meta-learners) and validation Dice
+    against step, from log records ``{"step", "loss" | "query_loss", "val_dice"?}``."""
+    panels = []
+    for name, records in logs.items():
+        losses = [(r["step"], r.get("query_loss", r.get("loss"))) for r in records]
+        losses = [(step, v) for step, v in losses if v is not None]
+        vals = [(r["step"], r["val_dice"]) for r in records if "val_dice" in r]
+        if losses:
+            panels.append((name, losses, vals))
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*losses, strict=True), lw=1, color="tab:blue", label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if vals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*vals, strict=True), "o-", color="tab:orange", label="validation Dice")
-        ax2.set_ylabel("validation Dice")
-        ax2.set_ylim(0, 1)
-    ax.set_title(Path(log_path).parent.name)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, losses, vals) in zip(axes.flat, panels, strict=False):
+        ax.plot(*zip(*losses, strict=True), lw=1, color="tab:blue", label="train loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if vals:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*vals, strict=True), "o-", color="tab:orange", label="validation Dice")
+            ax2.set_ylabel("validation Dice")
+            ax2.set_ylim(0, 1)
+        ax.set_title(name)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
