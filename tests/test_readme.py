@@ -35,3 +35,12 @@ def test_study_tables_in_the_readme_match_their_results() -> None:
         result = json.loads((REPO / "results" / f"{name}.json").read_text())
         block = text.split(f"<!-- STUDY:{name} -->\n", 1)[1].split(f"<!-- /STUDY:{name} -->")[0]
         assert block == markdown_table(result), f"README table of {name} is stale"
+
+
+def test_demo_table_in_the_readme_matches_its_result() -> None:
+    import json
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- DEMO -->\n```text\n", 1)[1].split("\n```\n<!-- /DEMO -->")[0]
+    result = json.loads((REPO / "results" / "demo.json").read_text())
+    assert block == result["table"].rstrip("\n")
