@@ -194,6 +194,18 @@ def test_bad_support_folder_and_missing_data_root(
     assert "--data-root" in error_of(capsys, ["datasets"])
 
 
+def test_predict_refuses_existing_outputs_before_adapting(tiny_model, tmp_path, capsys) -> None:
+    images = generic_tree(tmp_path / "new", n=2) / "images"
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(tiny_model), "--images", str(images), "--out",
+                 str(out), "-q"]) == 0
+    support = generic_tree(tmp_path / "support", n=2)
+    (support / "masks" / "case1.png").unlink()  # adapting would fail on this
+    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--support", str(support),
+                            "--images", str(images), "--out", str(out), "-q"])
+    assert "--overwrite" in err and "case1" not in err
+
+
 def test_evaluate_json_reports_per_draw_scores(tiny_model, capsys) -> None:
     assert main(["evaluate", str(tiny_model), "--json", "-q"]) == 0
     out = json.loads(capsys.readouterr().out)

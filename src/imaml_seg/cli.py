@@ -224,9 +224,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imaml_seg.predict import predict_folder
+    from imaml_seg.predict import check_outputs, predict_folder
 
     ckpt = resolve_model(args.model)
+    check_outputs(Path(args.images), Path(args.out), args.overwrite)  # refuse before adapting
     if args.support:
         ckpt = adapt_on_folder(ckpt, args.support, args)
     rows = predict_folder(

@@ -60,6 +60,15 @@ def _check_outputs(images: list[Path], source: Path, out: Path, overwrite: bool)
         )
 
 
+def check_outputs(images_dir: Path, out: Path, overwrite: bool) -> list[Path]:
+    """The images of ``images_dir``, after checking that writing their outputs into ``out`` is
+    safe (not inside the input, no stem collisions, nothing overwritten unless ``overwrite``).
+    Cheap: the CLI calls it before adapting, so a refusal comes before minutes of work."""
+    files = list_images(images_dir)
+    _check_outputs(files, images_dir, out, overwrite)
+    return files
+
+
 def predict_folder(
     checkpoint: Checkpoint,
     images_dir: Path,
@@ -71,8 +80,7 @@ def predict_folder(
     batch: int = 16,
 ) -> list[dict]:
     """Segment every image of ``images_dir`` into ``out``; returns the ``areas.csv`` rows."""
-    files = list_images(images_dir)
-    _check_outputs(files, images_dir, out, overwrite)
+    files = check_outputs(images_dir, out, overwrite)
     raw = [load_image(p) for p in files]  # raises a DataError naming the first bad file
     device = device_default()
     model = build_model(checkpoint.config.model).to(device)
