@@ -14,13 +14,19 @@ from imaml_seg.meta.trainer import Paths
 TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
 
 
-def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
+def mini_study(tmp_path: Path, methods: list[str], steps: int, shots: list[int], draws: int):
+    """``experiments/mini.toml`` under ``tmp_path``: a tiny synthetic study of ``methods``."""
     spec = tmp_path / "experiments" / "mini.toml"
     spec.parent.mkdir()
     spec.write_text(
-        f'name = "mini"\npreset = "{TINY}"\nmethods = ["scratch", "imaml_warm", "prototype"]\n'
-        "baseline_steps = 3\n[overrides]\neval = { shots = [1, 2], draws = 3 }\n"
+        f'name = "mini"\npreset = "{TINY}"\nmethods = {json.dumps(methods)}\n'
+        f"baseline_steps = {steps}\n[overrides]\neval = {{ shots = {shots}, draws = {draws} }}\n"
     )
+    return spec
+
+
+def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["scratch", "imaml_warm", "prototype"], 3, [1, 2], 3)
     out = run_experiment(spec, Paths(Path(".")), quiet=True)
     results = tmp_path / "results"
     assert (results / "mini.json").is_file()
@@ -44,12 +50,7 @@ def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
 
 
 def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp_path) -> None:
-    spec = tmp_path / "experiments" / "mini.toml"
-    spec.parent.mkdir()
-    spec.write_text(
-        f'name = "mini"\npreset = "{TINY}"\nmethods = ["scratch", "prototype"]\n'
-        "baseline_steps = 2\n[overrides]\neval = { shots = [1], draws = 2 }\n"
-    )
+    spec = mini_study(tmp_path, ["scratch", "prototype"], 2, [1], 2)
     run_experiment(spec, Paths(Path(".")), quiet=True)
     folder = tmp_path / "results" / "mini"
     assert {p.name for p in folder.glob("*.overlay.npz")} == {
