@@ -252,9 +252,17 @@ def _load_overlay_predictions(path: Path) -> Tensor:
     return torch.from_numpy(bits.reshape(shape).astype(np.float32))
 
 
+IMAML_VARIANTS = (REFERENCE, "imaml_warm")
+
+
 def reference(methods: tuple[str, ...] | list[str]) -> str:
-    """The method others are tested against: iMAML, else its warm-started variant."""
+    """The method the overlay figure ranks images by: iMAML, else its warm-started variant."""
     return REFERENCE if REFERENCE in methods else "imaml_warm"
+
+
+def tested_against(methods: tuple[str, ...] | list[str]) -> list[str]:
+    """The iMAML variants of a study: every other method is tested against each of them."""
+    return [m for m in IMAML_VARIANTS if m in methods]
 
 
 def report(
@@ -274,13 +282,13 @@ def report(
     iou = {f"{m}@{k}": s for (m, k), s in summarise(records, "iou").items()}
     tests = {}
     shots = sorted({r["shots"] for r in records})
-    ref = reference(study.methods)
-    for other in study.methods:
-        if other != ref:
-            for k in shots:
-                p = paired_wilcoxon(records, ref, other, k)
-                if p is not None:
-                    tests[f"{ref}_vs_{other}@{k}"] = p
+    for ref in tested_against(study.methods):
+        for other in study.methods:
+            if other != ref:
+                for k in shots:
+                    p = paired_wilcoxon(records, ref, other, k)
+                    if p is not None:
+                        tests[f"{ref}_vs_{other}@{k}"] = p
     out = {
         "study": study.name,
         "target": target.name,
@@ -400,25 +408,22 @@ def markdown_table(result: dict[str, Any]) -> str:
     shots = sorted({int(key.rsplit("@", 1)[1]) for key in summary})
     done = [m for m in result["methods"] if any(k.startswith(f"{m}@") for k in summary)]
     head = "| method | " + " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
-    ref = reference(result["methods"])
-    head += f" | IoU {shots[len(shots) // 2]}-shot | Wilcoxon p vs {ref} |\n"
-    head += "|---" * (len(shots) + 3) + "|\n"
-    rows = []
+    refs = tested_against(result["methods"])
     mid = shots[len(shots) // 2]
+    head += f" | IoU {mid}-shot | " + " | ".join(f"Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
+    head += " |\n" + "|---" * (len(shots) + 2 + len(refs)) + "|\n"
+    rows = []
     for method in done:
         cells = []
         for k in shots:
             s = summary.get(f"{method}@{k}")
             cells.append(f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "-")
         iou = result["summary_iou"].get(f"{method}@{mid}")
-        p = tests.get(f"{ref}_vs_{method}@{mid}")
-        rows.append(
-            f"| {method} | "
-            + " | ".join(cells)
-            + f" | {iou['mean']:.3f} | "
-            + (f"{p:.2g}" if p is not None else "-")
-            + " |"
-        )
+        cells.append(f"{iou['mean']:.3f}")
+        for ref in refs:
+            p = tests.get(f"{ref}_vs_{method}@{mid}")
+            cells.append(f"{p:.2g}" if p is not None else "-")
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
     missing = [m for m in result["methods"] if m not in done]
     by_device: dict[str, list[str]] = {}
     for method, m in result["machines"].items():
