@@ -47,6 +47,9 @@ def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
     assert before == {p: p.stat().st_mtime_ns for p in (results / "mini").glob("*.json")}
     saved = json.loads((results / "mini.json").read_text())
     assert saved["target"] == "synthetic:7" and saved["machines"]["scratch"]["torch"]
+    # Every other method is tested against the iMAML variant, per shot count (3 paired draws).
+    assert {"imaml_warm_vs_scratch@1", "imaml_warm_vs_prototype@2"} <= set(saved["wilcoxon_p"])
+    assert all(0 <= p <= 1 for p in saved["wilcoxon_p"].values())
 
 
 def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp_path) -> None:
