@@ -410,7 +410,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     head = "| method | " + " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
     refs = tested_against(result["methods"])
     mid = shots[len(shots) // 2]
-    head += f" | IoU {mid}-shot | " + " | ".join(f"Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
+    head += f" | IoU {mid}-shot | "
+    head += " | ".join(f"Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
     head += " |\n" + "|---" * (len(shots) + 2 + len(refs)) + "|\n"
     rows = []
     for method in done:
