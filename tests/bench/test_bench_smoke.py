@@ -66,8 +66,11 @@ def test_meta_gradient_json(results: dict[str, dict[str, Any]]) -> None:
             for key in ("median_s", "grad_equivalents"):
                 assert _positive(row[key]), (method, k, key)
             # --quick measures every job in one child, where a small job can reuse heap pages
-            # freed by an earlier, larger one and add no resident memory: >= 0, not > 0.
-            assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= 0, (method, k)
+            # freed by an earlier, larger one and add no resident memory; the kernel updates its
+            # resident-set counters in per-thread batches, so "nothing added" reads as a few
+            # hundred kB either side of 0 (seen: -100 kB).
+            assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] > -(1 << 20), (
+                method, k, row["peak_bytes"])
             if method != "ours-maml":
                 assert _positive(row["ideal_s"]) and _positive(row["ratio_to_ideal"])
             if method in PEERS:
