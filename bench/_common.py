@@ -6,6 +6,7 @@ Imported as ``_common`` by the scripts beside it (``python bench/<script>.py`` p
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -301,3 +302,27 @@ def _json_default(value: Any) -> Any:
 
 def verdict(met: bool | None) -> str:
     return "n/a" if met is None else ("MET" if met else "MISSED")
+
+
+def log(message: str) -> None:
+    """Progress to stderr (stdout carries the table)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def base_parser(
+    doc: str, default_out: Path, *, resolution: str, quick: str, cpu_only: bool = False
+) -> argparse.ArgumentParser:
+    """The flags every benchmark shares: --resolution, --out, --quick, --device, --threads,
+    --repeats; ``resolution`` and ``quick`` are their help texts."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=None, help=resolution)
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if cpu_only:
+        parser.add_argument("--device", default="cpu", choices=["cpu"],
+                            help="cpu only: these are CPU options")
+    else:
+        parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None)
+    return parser

@@ -432,15 +432,11 @@ def measure_memory(
     for group in groups:
         spec = dict(base, jobs=group)
         results += common.run_child(SCRIPT, ["--child-memory", json.dumps(spec)], timeout=900)
-        log(f"  memory {[ (j['method'], j.get('k'), j.get('m')) for j in group]} done")
+        common.log(f"  memory {[ (j['method'], j.get('k'), j.get('m')) for j in group]} done")
     return results
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def cosine(a: Params, b: Params) -> float:
@@ -455,14 +451,10 @@ def rel_error(a: Params, reference: Params) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=None, help="px (default 64; quick 32)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke configuration (32 px, features 4..16, k 1 2, m 2, 1 rep)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser = common.base_parser(
+        __doc__, DEFAULT_OUT, resolution="px (default 64; quick 32)",
+        quick="tiny smoke configuration (32 px, features 4..16, k 1 2, m 2, 1 rep)",
+    )
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="inner steps")
     parser.add_argument("--ms", type=int, nargs="+", default=None, help="CG steps")
     parser.add_argument("--features", type=int, nargs=6, default=None)
@@ -505,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(preset, shots=5, query_size=5, lam=s.config.inner.lam,
                     rtol=s.config.implicit.rtol,
                     num_params=num_params(s.theta), memory=not args.no_memory)
-    log(f"meta_gradient bench: {settings} on {device}, load {common.load_average()}")
+    common.log(f"meta_gradient bench: {settings} on {device}, load {common.load_average()}")
 
     # 1. primitives (after a check that the thread count is not oversubscribed)
     prims = primitive_runners(s)
@@ -514,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in prims.items():
         warmup = 1 if args.quick else 2
         primitives[name] = common.time_repeated(fn, device, preset["primitive_repeats"], warmup)
-        log(f"  {name}: {primitives[name]['median_s']:.4f} s")
+        common.log(f"  {name}: {primitives[name]['median_s']:.4f} s")
     t_grad = primitives["t_grad"]["median_s"]
     t_hvp, t_ggn = primitives["t_hvp"]["median_s"], primitives["t_ggn"]["median_s"]
     t_curv = {OURS_EXACT: t_hvp, OURS_GGN: t_ggn, TORCHOPT: t_hvp, HIGHER: t_hvp}
@@ -541,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                 if meth not in PEER_MODULE:
                     raise
                 row["status"] = f"unavailable: failed at run ({type(err).__name__}: {err})"
-                log(f"  {meth} k={k} m={m}: {row['status']}")
+                common.log(f"  {meth} k={k} m={m}: {row['status']}")
                 continue
             runners[(meth, m)], grads[(meth, m)] = runner, g
             row["info"] = info
@@ -566,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["cosine_vs_ours_exact"] = cosine(grads[c], reference)
                     row["rel_error_vs_ours_exact"] = rel_error(grads[c], reference)
         done = ", ".join(f"{c[0]}/m={c[1]} {statistics.median(ts):.3f}s" for c, ts in times.items())
-        log(f"  k={k}: {done}  load {common.load_average()}")
+        common.log(f"  k={k}: {done}  load {common.load_average()}")
     load_timing = common.load_average()
 
     # 4. memory

@@ -60,21 +60,12 @@ USED = {
 """Whether imaml-seg uses each option, and how; the goal is that this matches ``wins``."""
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=None, help="px (default 64; quick 32)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke configuration (32 px, features 4..16, no compile)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser = common.base_parser(
+        __doc__, DEFAULT_OUT, resolution="px (default 64; quick 32)",
+        quick="tiny smoke configuration (32 px, features 4..16, no compile)", cpu_only=True,
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    parser.add_argument("--device", default="cpu", choices=["cpu"],
-                        help="cpu only: these are CPU options")
     return parser.parse_args(argv)
 
 
@@ -131,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_params": num_params(theta), "meta_batch_size": n_tasks,
                 "shots": config.data.shots, "repeats": preset["repeats"],
                 "threads": preset["threads"], "win_threshold": WIN}
-    log(f"options bench: {settings}, load {common.load_average()}")
+    common.log(f"options bench: {settings}, load {common.load_average()}")
     loads = {"start": common.load_average()}
 
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -163,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["vmap_tasks"]["max_rel_diff"] = _rel_diff(_flat(vmapped()), _flat(loop()))
     except Exception as err:  # noqa: BLE001 - an option that fails to run is reported
         rows["vmap_tasks"] = {"status": f"failed: {type(err).__name__}: {err}"[:160]}
-    log(f"  vmap_tasks: {rows['vmap_tasks'].get('speedup', rows['vmap_tasks'].get('status'))}")
+    row = rows["vmap_tasks"]
+    common.log(f"  vmap_tasks: {row.get('speedup', row.get('status'))}")
 
     # 2. channels_last
     task = tasks[0]
@@ -180,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows["channels_last"] = compare(eager, channels_last, preset["repeats"])
     rows["channels_last"]["max_rel_diff"] = _rel_diff(_flat(channels_last()), _flat(eager()))
-    log(f"  channels_last: {rows['channels_last']['speedup']:.3f}")
+    common.log(f"  channels_last: {rows['channels_last']['speedup']:.3f}")
 
     # 3. torch.compile
     if preset["compile"]:
@@ -210,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows["torch_compile"] = {"status": "skipped (--quick or --no-compile)"}
     row = rows["torch_compile"]
-    log(f"  torch_compile: {row.get('speedup', row.get('status'))}")
+    common.log(f"  torch_compile: {row.get('speedup', row.get('status'))}")
 
     # 4. threads
     check = common.thread_check(eager, device, repeats=preset["repeats"])

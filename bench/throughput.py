@@ -56,19 +56,11 @@ QUICK = {"resolution": 32, "features": (4, 4, 8, 8, 16, 4), "images": 8, "eval_s
          "repeats": 1, "sample_draws": 5, "threads": 1}
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=None, help="px (default 128; quick 32)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke configuration (32 px, features 4..16, 8 images, 2 steps)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser = common.base_parser(
+        __doc__, DEFAULT_OUT, resolution="px (default 128; quick 32)",
+        quick="tiny smoke configuration (32 px, features 4..16, 8 images, 2 steps)",
+    )
     parser.add_argument("--images", type=int, default=None, help="PNG images to predict (32)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="side of the PNG images (default: the resolution)")
@@ -118,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "threads": preset["threads"],
     }
-    log(f"throughput bench: {settings} on {device}, load {common.load_average()}")
+    common.log(f"throughput bench: {settings} on {device}, load {common.load_average()}")
     load_log: dict[str, list[float]] = {"start": common.load_average()}
 
     # 1. adaptation latency
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_ideal": t_adapt["median_s"] / (steps * t_grad["median_s"]) if steps else None,
     }
     load_log["after_adaptation"] = common.load_average()
-    log(f"  adaptation: {t_adapt['median_s']:.3f} s for {steps} steps")
+    common.log(f"  adaptation: {t_adapt['median_s']:.3f} s for {steps} steps")
 
     # 2. predict throughput
     with tempfile.TemporaryDirectory(prefix="imaml-seg-bench-") as tmp:
@@ -183,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict_device": str(common.pick_device("auto")),
     }
     load_log["after_predict"] = common.load_average()
-    log(f"  predict: {prediction['images_per_s']:.1f} images/s")
+    common.log(f"  predict: {prediction['images_per_s']:.1f} images/s")
 
     # 3. data loading vs one iMAML meta-gradient
     sources = [synthetic_arrays(d, 64, r, config.seed) for d in range(4)]
@@ -214,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "loading_share": share,
     }
     load_log["end"] = common.load_average()
-    log(f"  loading share: {share:.4f}")
+    common.log(f"  loading share: {share:.4f}")
 
     goals = [{
         "name": f"data loading < {GOAL_LOADING_SHARE:.0%} of one iMAML meta-gradient "
