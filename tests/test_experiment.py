@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from imaml_seg.config import ConfigError
 from imaml_seg.experiment import run_experiment
 from imaml_seg.meta.trainer import Paths
 
@@ -72,3 +73,55 @@ def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp
     with pytest.warns(UserWarning, match="left out prototype"):
         run_experiment(spec, Paths(Path(".")), quiet=True)
     assert not (folder / "prototype.overlay.npz").exists()
+
+
+def tuned_study(tmp_path: Path, methods: list[str], extra: str = "", stages: str = "") -> Path:
+    """``experiments/mini_tuned.toml``: reuses mini's units, tunes test-time settings."""
+    spec = tmp_path / "experiments" / "mini_tuned.toml"
+    stages = stages or "[[{}, {inner_steps = 6}], [{}, {tta = true}]]"
+    spec.write_text(
+        f'name = "mini_tuned"\ntrain_from = "mini"\npreset = "{TINY}"\n'
+        f"methods = {json.dumps(methods)}\nbaseline_steps = 2\n[overrides]\n"
+        f"eval = {{ shots = [2], draws = 2 }}\n{extra}[tune]\ntasks = 2\nstages = {stages}\n"
+    )
+    return spec
+
+
+def test_tuned_study_reuses_units_and_chooses_settings_on_the_sources(tmp_path) -> None:
+    methods = ["scratch", "transfer", "prototype"]
+    run_experiment(mini_study(tmp_path, methods, 2, [2], 2), Paths(Path(".")), quiet=True)
+    runs = tmp_path / "runs"
+    trained = {p: p.stat().st_mtime_ns for p in runs.rglob("*.safetensors")}
+    out = run_experiment(tuned_study(tmp_path, methods), Paths(Path(".")), quiet=True)
+    assert sorted(p.name for p in runs.iterdir()) == ["mini"]  # nothing trained again
+    assert trained == {p: p.stat().st_mtime_ns for p in runs.rglob("*.safetensors")}
+    folder = tmp_path / "results" / "mini_tuned"
+    transfer = json.loads((folder / "transfer.tune.json").read_text())
+    scores = {json.dumps(c["eval"], sort_keys=True): c["dice"] for c in transfer["candidates"]}
+    first = max([{}, {"inner_steps": 6}], key=lambda c: scores[json.dumps(c, sort_keys=True)])
+    assert set(scores) == {
+        json.dumps(c, sort_keys=True) for c in ({}, {"inner_steps": 6}, {**first, "tta": True})
+    }
+    assert transfer["selected_on"] == ["synthetic:0:24", "synthetic:1:24"]
+    assert scores[json.dumps(transfer["chosen"], sort_keys=True)] == max(
+        scores[json.dumps(first, sort_keys=True)], scores[json.dumps({**first, "tta": True},
+                                                                        sort_keys=True)]
+    )
+    # The baselines do not adapt: only test-time augmentation is tried for them.
+    proto = json.loads((folder / "prototype.tune.json").read_text())
+    assert [c["eval"] for c in proto["candidates"]] == [{}, {"tta": True}]
+    # The scored unit used the chosen settings, and the report lists them.
+    scored = json.loads((folder / "transfer.json").read_text())["eval"]
+    assert scored["inner_steps"] == transfer["chosen"].get("inner_steps", 3)
+    assert scored["tta"] == transfer["chosen"].get("tta", False)
+    assert out["tuned"]["transfer"] == transfer["chosen"]
+
+
+def test_tuned_study_refuses_other_training_settings_and_unknown_candidates(tmp_path) -> None:
+    mini_study(tmp_path, ["scratch"], 2, [2], 2)
+    spec = tuned_study(tmp_path, ["scratch"], extra="inner = { inner_lr = 0.05 }\n")
+    with pytest.raises(ConfigError, match="only \\[eval\\] may differ"):
+        run_experiment(spec, Paths(Path(".")), quiet=True)
+    spec = tuned_study(tmp_path, ["scratch"], stages="[[{}, {inner_stepz = 6}]]")
+    with pytest.raises(ConfigError, match="inner_stepz"):
+        run_experiment(spec, Paths(Path(".")), quiet=True)

@@ -143,14 +143,13 @@ def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
 
     device = device_default()
     c = ckpt.config
-    return AdaptedModel(
+    return AdaptedModel.from_config(
         name,
         build_model(c.model).to(device),
         {k: v.to(device) for k, v in ckpt.theta.items()},
-        c.inner,
-        steps if steps is not None else c.eval.inner_steps,
-        proximal=c.meta.algorithm == "imaml" and c.eval.proximal,
-        device=device,
+        c,
+        device,
+        steps,
     )
 
 

@@ -18,9 +18,9 @@ from scipy import stats
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from imaml_seg.config import DataConfig, EvalConfig, InnerConfig
+from imaml_seg.config import DataConfig, EvalConfig, InnerConfig, RunConfig, eval_inner
 from imaml_seg.data.cache import SegArrays
-from imaml_seg.data.tasks import draw_support, test_pool
+from imaml_seg.data.tasks import DIHEDRAL, dihedral, draw_support, test_pool, undo_dihedral
 from imaml_seg.meta.inner import adapt
 from imaml_seg.metrics import all_metrics
 from imaml_seg.model import Params, forward
@@ -47,6 +47,36 @@ class AdaptedModel:
     steps: int
     proximal: bool = False
     device: torch.device = torch.device("cpu")
+    augment: bool = False
+    """Flip/rotate the support pairs while adapting (``EvalConfig.augment_support``)."""
+    tta: bool = False
+    """Average predictions over the 8 flips/rotations of each image (``EvalConfig.tta``)."""
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        model: nn.Module,
+        theta: Params,
+        config: RunConfig,
+        device: torch.device,
+        steps: int | None = None,
+    ) -> AdaptedModel:
+        """Adapt as ``config.eval`` says: its steps, optimizer, step size and augmentations,
+        with iMAML's proximal term only if ``eval.proximal``."""
+        ev = config.eval
+        inner = eval_inner(config.inner, ev)
+        return cls(
+            name,
+            model,
+            theta,
+            inner,
+            ev.inner_steps if steps is None else steps,
+            proximal=config.meta.algorithm == "imaml" and ev.proximal,
+            device=device,
+            augment=ev.augment_support,
+            tta=ev.tta,
+        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         return adapt(
@@ -57,22 +87,60 @@ class AdaptedModel:
             self.inner,
             proximal=self.proximal,
             steps=self.steps,
+            augment=self.augment,
         ).params
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        return predict_logits(self.model, self.adapt(support_x, support_y), query_x, self.device)
+        params = self.adapt(support_x, support_y)
+        return predict_logits(self.model, params, query_x, self.device, tta=self.tta)
+
+
+@dataclass
+class TestTimeAugmented:
+    """Any few-shot method with test-time augmentation: its foreground probability averaged
+    over the 8 flips/rotations of the query images (the support set is left as it is)."""
+
+    method: FewShotMethod
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        return averaged_over_dihedral(lambda x: self.method.predict(support_x, support_y, x),
+                                      query_x)
+
+
+def averaged_over_dihedral(logits_of: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """Logits ``(N, 1, H, W)`` of the mean foreground probability of ``logits_of`` over the 8
+    flips/rotations of ``images`` ``(N, C, H, W)``, each prediction mapped back first."""
+    probs = torch.stack([
+        torch.sigmoid(undo_dihedral(logits_of(dihedral(images, c)), c)) for c in DIHEDRAL
+    ]).mean(0)
+    return torch.logit(probs, eps=1e-6)
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, params: Params, images: Tensor, device: torch.device, batch: int = 32
+    model: nn.Module,
+    params: Params,
+    images: Tensor,
+    device: torch.device,
+    batch: int = 32,
+    *,
+    tta: bool = False,
 ) -> Tensor:
-    """Logits ``(N, 1, H, W)`` on the CPU for ``images`` ``(N, 3, H, W)``, in chunks."""
-    outs = [
-        forward(model, params, images[i : i + batch].to(device)).cpu()
-        for i in range(0, len(images), batch)
-    ]
-    return torch.cat(outs)
+    """Logits ``(N, 1, H, W)`` on the CPU for ``images`` ``(N, 3, H, W)``, in chunks; with
+    ``tta``, averaged over the 8 flips/rotations (:func:`averaged_over_dihedral`)."""
+
+    def plain(x: Tensor) -> Tensor:
+        outs = [
+            forward(model, params, x[i : i + batch].to(device)).cpu()
+            for i in range(0, len(x), batch)
+        ]
+        return torch.cat(outs)
+
+    return averaged_over_dihedral(plain, images) if tta else plain(images)
 
 
 def evaluate(

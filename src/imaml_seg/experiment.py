@@ -10,9 +10,22 @@ A study is a TOML file (``experiments/<name>.toml``)::
     [overrides]                          # optional, nested like a config file
     meta = { meta_steps = 200 }
 
+A study may reuse another's trained units (``train_from = "unseen_polyp"``) when it differs from
+it only in its ``[eval]`` section, and may choose each method's test-time settings on validation
+tasks of the *sources* (never the target) before scoring it: ``[tune]`` lists stages of
+candidate ``[eval]`` overrides; each stage keeps its best candidate (ties go to the first) and
+the next stage tries its own on top of it::
+
+    [tune]
+    tasks = 8
+    stages = [[{}, {inner_steps = 100}, {optimizer = "adam", inner_lr = 0.001}],
+              [{}, {augment_support = true}], [{}, {tta = true}]]
+
 It runs as small units, each skipped when its output exists, so an interrupted study picks up
 where it stopped: one training run per method (``runs/<name>/<method>/``, checkpoints, not
-committed) and one evaluation per method (``results/<name>/<method>.json``, committed).  The
+committed), one choice of test-time settings per method when the study tunes them
+(``results/<name>/<method>.tune.json``) and one evaluation per method
+(``results/<name>/<method>.json``, committed).  The
 report step then writes ``results/<name>.json`` (every per-draw score, summaries, paired Wilcoxon
 tests of iMAML against each method), a Dice-vs-shots plot, learning curves and an overlay grid.
 """
@@ -37,11 +50,12 @@ from tqdm import tqdm
 
 from imaml_seg.baselines import build_baseline
 from imaml_seg.checkpoint import load_checkpoint
-from imaml_seg.config import ConfigError, RunConfig, load, merge
+from imaml_seg.config import ConfigError, RunConfig, load, merge, to_dict
 from imaml_seg.data.cache import SegArrays, load_arrays
-from imaml_seg.data.tasks import TaskSampler, draw_support, test_pool
+from imaml_seg.data.tasks import Task, TaskSampler, draw_support, test_pool
 from imaml_seg.evaluation import (
     AdaptedModel,
+    TestTimeAugmented,
     evaluate,
     paired_wilcoxon,
     summarise,
@@ -64,6 +78,12 @@ class Study:
     methods: tuple[str, ...]
     baseline_steps: int = 300
     """Episodic training steps of the few-shot baselines (meta-batches of tasks)."""
+    train_from: str | None = None
+    """Another study (``experiments/<train_from>.toml``) whose trained units this one reuses."""
+    tune_stages: tuple[tuple[dict[str, Any], ...], ...] = ()
+    """Stages of candidate ``[eval]`` overrides, scored on source validation tasks."""
+    tune_tasks: int = 8
+    """Source validation tasks (``data.shots`` support + ``TUNE_QUERY`` query pairs each)."""
 
     @classmethod
     def from_file(cls, path: Path) -> Study:
@@ -82,12 +102,47 @@ class Study:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"{path}: unknown methods {unknown} (known: {', '.join(METHODS)})")
-        return cls(
+        config = merge(base, overrides)
+        tune = spec.get("tune", {})
+        stages = tuple(tuple(dict(c) for c in stage) for stage in tune.get("stages", ()))
+        for stage in stages:
+            for candidate in stage:
+                try:
+                    merge(config, {"eval": candidate})
+                except ConfigError as err:
+                    raise ConfigError(f"{path}: tune candidate {candidate}: {err}") from None
+        study = cls(
             spec.get("name", path.stem),
-            merge(base, overrides),
+            config,
             methods,
             spec.get("baseline_steps", 300),
+            spec.get("train_from"),
+            stages,
+            tune.get("tasks", 8),
         )
+        if study.train_from is not None:
+            study.trained_by(path.parent)  # fail early if it cannot reuse those units
+        return study
+
+    def trained_by(self, folder: Path) -> Study:
+        """The study whose trained units this one uses (itself unless ``train_from``)."""
+        if self.train_from is None:
+            return self
+        spec = folder / f"{self.train_from}.toml"
+        other = Study.from_file(spec)
+        if other.train_from is not None:
+            raise ConfigError(f"{spec}: train_from cannot chain (it reuses {other.train_from})")
+        if replace(other.config, eval=self.config.eval) != self.config or (
+            other.baseline_steps != self.baseline_steps
+        ):
+            raise ConfigError(
+                f"study {self.name}: train_from = '{self.train_from}' needs the same training "
+                f"settings as {spec} (only [eval] may differ)"
+            )
+        missing = sorted(set(self.methods) - set(other.methods))
+        if missing:
+            raise ConfigError(f"study {self.name}: {spec} does not train {missing}")
+        return other
 
 
 def machine() -> dict[str, Any]:
@@ -104,13 +159,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def method_config(study: Study, method: str, runs: Path) -> RunConfig:
-    """The run config of one method: the study's config with the method's algorithm."""
+def method_config(
+    study: Study, method: str, runs: Path, evaluation: dict[str, Any] | None = None
+) -> RunConfig:
+    """The run config of one method: the study's config with the method's algorithm (and
+    ``evaluation``'s ``[eval]`` overrides, e.g. its tuned test-time settings)."""
     algorithm = "imaml" if method == "imaml_warm" else method
     meta: dict[str, Any] = {"algorithm": algorithm if algorithm in THETA_METHODS else "scratch"}
     if method == "imaml_warm":
         meta["warm_start"] = str(runs / "transfer" / "checkpoint.safetensors")
-    return merge(study.config, {"meta": meta})
+    return merge(study.config, {"meta": meta, "eval": evaluation or {}})
 
 
 def train_unit(study: Study, method: str, paths: Paths, runs: Path, quiet: bool) -> None:
@@ -163,22 +221,25 @@ def _train_baseline(
     tmp.replace(weights)
 
 
-def load_method(study: Study, method: str, runs: Path, device: torch.device):
-    """The evaluation wrapper of a trained method."""
-    config = method_config(study, method, runs)
+def load_method(
+    study: Study,
+    method: str,
+    runs: Path,
+    device: torch.device,
+    evaluation: dict[str, Any] | None = None,
+):
+    """The evaluation wrapper of a trained method (with ``evaluation``'s [eval] overrides)."""
+    config = method_config(study, method, runs, evaluation)
     if method in BASELINES:
         model = build_baseline(method, resolution=config.data.resolution, seed=config.seed)
         model.load_state_dict(load_file(str(runs / method / "weights.safetensors")))
-        return model
+        return TestTimeAugmented(model) if config.eval.tta else model
     if method == "scratch":
         theta = init_theta(config, device)
     else:
         theta = {k: v.to(device) for k, v in load_checkpoint(runs / method).theta.items()}
-    proximal = config.meta.algorithm == "imaml" and config.eval.proximal
     model = build_model(config.model).to(device)
-    return AdaptedModel(
-        method, model, theta, config.inner, config.eval.inner_steps, proximal, device
-    )
+    return AdaptedModel.from_config(method, model, theta, config, device)
 
 
 def evaluate_unit(
@@ -188,9 +249,10 @@ def evaluate_unit(
     path = results / f"{method}.json"
     if path.exists():
         return path
-    config = method_config(study, method, runs)
+    chosen = tuned_settings(results, method)
+    config = method_config(study, method, runs, chosen)
     t0 = time.perf_counter()
-    wrapper = load_method(study, method, runs, device_default())
+    wrapper = load_method(study, method, runs, device_default(), chosen)
     records = evaluate([wrapper], target, config.data, config.eval, seed=config.seed, quiet=quiet)
     payload = {
         "study": study.name,
@@ -199,6 +261,7 @@ def evaluate_unit(
         "sources": list(config.sources),
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": machine(),
+        "eval": to_dict(config)["eval"],
         "records": records,
     }
     _train_log = runs / method / "log.jsonl"
@@ -210,6 +273,89 @@ def evaluate_unit(
     tmp.write_text(json.dumps(payload) + "\n")
     tmp.replace(path)
     return path
+
+
+TUNE_QUERY = 10
+"""Query pairs of each source validation task used to choose test-time settings."""
+TUNED = ".tune.json"
+"""Suffix of a unit's choice of test-time settings (``results/<split>/<method>.tune.json``)."""
+_ADAPTATION_ONLY = {"optimizer", "inner_lr", "inner_steps", "augment_support", "proximal"}
+
+
+def tuned_settings(results: Path, method: str) -> dict[str, Any]:
+    """The ``[eval]`` overrides chosen for ``method`` by :func:`tune_unit` ({} if not tuned)."""
+    path = results / f"{method}{TUNED}"
+    return json.loads(path.read_text())["chosen"] if path.exists() else {}
+
+
+def validation_tasks(config: RunConfig, paths: Paths, count: int) -> list[Task]:
+    """``count`` tasks from the sources' test pools (never seen in training, never the
+    target): ``data.shots`` support and ``TUNE_QUERY`` query pairs, not augmented, seeded apart
+    from the meta-trainer's own validation tasks."""
+    d = config.data
+    sampler = TaskSampler(
+        _sources(config, paths),
+        shots=d.shots,
+        query_size=TUNE_QUERY,
+        seed=config.seed + 2,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+        augment=False,
+        pool="test",
+    )
+    return [sampler.sample(0, i) for i in range(count)]
+
+
+def tune_unit(
+    study: Study, method: str, paths: Paths, runs: Path, results: Path, quiet: bool
+) -> dict[str, Any]:
+    """Choose ``method``'s test-time settings from ``study.tune_stages`` by mean Dice on source
+    validation tasks; the target is never looked at.  Returns the chosen ``[eval]`` overrides
+    and writes every candidate's score to ``results/<split>/<method>.tune.json``."""
+    path = results / f"{method}{TUNED}"
+    if not study.tune_stages or path.exists():
+        return tuned_settings(results, method)
+    t0 = time.perf_counter()
+    config = method_config(study, method, runs)
+    tasks = validation_tasks(config, paths, study.tune_tasks)
+    device = device_default()
+    scores: dict[str, float] = {}
+    chosen: dict[str, Any] = {}
+    for stage in study.tune_stages:
+        best, best_score = chosen, -np.inf
+        for candidate in stage:
+            if method in BASELINES and set(candidate) & _ADAPTATION_ONLY:
+                continue  # the baselines do not adapt: only test-time augmentation applies
+            trial = {**chosen, **candidate}
+            key = json.dumps(trial, sort_keys=True)
+            if key not in scores:
+                wrapper = load_method(study, method, runs, device, trial)
+                per_task = [
+                    float(dice((wrapper.predict(t.support_x, t.support_y, t.query_x) > 0).float(),
+                               t.query_y).mean())
+                    for t in tqdm(tasks, desc=f"tune {method} {key}", disable=quiet)
+                ]
+                scores[key] = float(np.mean(per_task))
+            if scores[key] > best_score:
+                best, best_score = trial, scores[key]
+        chosen = best
+    payload = {
+        "study": study.name,
+        "method": method,
+        "selected_on": [Path(s).name for s in config.sources],
+        "tasks": len(tasks),
+        "shots": config.data.shots,
+        "query_size": TUNE_QUERY,
+        "candidates": [{"eval": json.loads(k), "dice": v} for k, v in scores.items()],
+        "chosen": chosen,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+    return chosen
 
 
 PREDICTIONS = ".overlay.npz"
@@ -269,9 +415,11 @@ def report(
     study: Study, target: SegArrays, runs: Path, results: Path, *, figures: bool = True
 ) -> dict[str, Any]:
     """Aggregate the per-method results into ``results/<name>.json`` (and figures)."""
-    records, machines, train_logs = [], {}, {}
+    records, machines, train_logs, tuned = [], {}, {}, {}
     for method in study.methods:
         path = results / f"{method}.json"
+        if (results / f"{method}{TUNED}").exists():
+            tuned[method] = tuned_settings(results, method)
         if path.exists():
             payload = json.loads(path.read_text())
             records += payload["records"]
@@ -298,6 +446,7 @@ def report(
         "summary_dice": summary,
         "summary_iou": iou,
         "wilcoxon_p": tests,
+        "tuned": tuned,
         "machines": machines,
         "records": records,
     }
@@ -335,7 +484,8 @@ def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
             if not (same_kind and _has_weights(method, runs)):
                 missing.append(method)
                 continue
-            wrapper = load_method(study, method, runs, device_default())
+            chosen = tuned_settings(png.parent, method)
+            wrapper = load_method(study, method, runs, device_default(), chosen)
             _save_overlay_predictions(study, target, wrapper, saved)
         rows.append((method, _load_overlay_predictions(saved)))
     if missing:
@@ -373,7 +523,7 @@ def study_dirs(spec: Path, paths: Paths) -> tuple[Study, Path, Path]:
     study = Study.from_file(spec)
     root = Path(spec).resolve().parent.parent
     results = (paths.out_dir if paths.out_dir != Path(".") else root / "results") / study.name
-    return study, results, root / "runs" / study.name
+    return study, results, root / "runs" / (study.train_from or study.name)
 
 
 def run_experiment(
@@ -397,7 +547,8 @@ def run_experiment(
     for method in only or study.methods:
         if method not in study.methods:
             raise ConfigError(f"{spec}: method {method} is not in this study")
-        train_unit(study, method, paths, runs, quiet)
+        train_unit(study.trained_by(Path(spec).parent), method, paths, runs, quiet)
+        tune_unit(study, method, paths, runs, results, quiet)
         evaluate_unit(study, method, target, runs, results, quiet)
     return report(study, target, runs, results, figures=figures)
 

@@ -159,3 +159,15 @@ def test_pooled_batch() -> None:
     assert not torch.equal(x, pooled_batch(datasets, 16, 5, seed=0, augment=True, **SPLIT)[0])
     big, _ = pooled_batch([labelled(4)], 10, 0, seed=0, augment=False, **SPLIT)
     assert set(ids(big)) <= set(split_pools(4, 0.5, 3)[0])
+
+
+def test_dihedral_matches_the_array_transform_and_undoes() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    seen = set()
+    for code in tasks.DIHEDRAL:
+        moved = tasks.dihedral(x, code)
+        expected, _ = tasks._dihedral(x[0].numpy(), x[0, :1].numpy(), code)
+        assert torch.equal(moved[0], torch.from_numpy(expected.copy()))
+        assert torch.equal(tasks.undo_dihedral(moved, code), x)
+        seen.add(tuple(moved[0, 0].flatten().tolist()))
+    assert len(seen) == 8  # all 8 transforms of an asymmetric image differ

@@ -175,3 +175,24 @@ def test_differentiating_adam_through_a_zero_gradient_gives_no_nan() -> None:
     grads = torch.autograd.grad(outer, list(leaf.values()), allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert torch.equal(result.params["unused"], leaf["unused"])
+
+
+def test_augment_shows_step_t_pair_i_under_transform_t_plus_i(blobs) -> None:
+    from imaml_seg.data.tasks import dihedral
+
+    x, y = blobs(2, 32)
+    seen: list[torch.Tensor] = []
+
+    def recording_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seen.append(target.detach().clone())
+        return dice_bce_loss(logits, target)
+
+    net = build_model(ModelConfig(features=(4, 4, 8, 8, 16, 4)))
+    theta = get_params(net)
+    adapt(net, theta, x, y, InnerConfig(inner_steps=3), loss_fn=recording_loss, augment=True)
+    assert len(seen) == 4  # 3 steps, then the final loss on the untransformed support set
+    for t in range(3):
+        for i in range(2):
+            assert torch.equal(seen[t][i], dihedral(y[i], (t + i) % 8))
+    assert torch.equal(seen[3], y)
+    assert not torch.equal(seen[1], y)

@@ -61,6 +61,24 @@ def _dihedral(x: np.ndarray, y: np.ndarray, code: int) -> tuple[np.ndarray, np.n
     return np.rot90(x, k, axes=(-2, -1)), np.rot90(y, k, axes=(-2, -1))
 
 
+DIHEDRAL = tuple(range(8))
+"""Codes of the 8 flips/90-degree rotations of a square: bit 2 flips the last axis, then the
+low two bits count quarter turns."""
+
+
+def dihedral(x: Tensor, code: int) -> Tensor:
+    """Transform ``(..., R, R)`` tensors by dihedral ``code`` (as ``_dihedral`` does arrays)."""
+    if code & 4:
+        x = x.flip(-1)
+    return torch.rot90(x, code & 3, dims=(-2, -1))
+
+
+def undo_dihedral(x: Tensor, code: int) -> Tensor:
+    """The inverse of :func:`dihedral`: ``undo_dihedral(dihedral(x, c), c) == x``."""
+    x = torch.rot90(x, -(code & 3), dims=(-2, -1))
+    return x.flip(-1) if code & 4 else x
+
+
 def _gather(arrays: SegArrays, index: np.ndarray, rng: np.random.Generator | None
             ) -> tuple[Tensor, Tensor]:
     """Images and masks ``index`` as float32 tensors, each randomly flipped/rotated if ``rng``."""

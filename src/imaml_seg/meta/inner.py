@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value
 
 from imaml_seg.config import InnerConfig
+from imaml_seg.data.tasks import DIHEDRAL, dihedral
 from imaml_seg.losses import dice_bce_loss
 from imaml_seg.model import Params, forward
 
@@ -34,7 +35,8 @@ class AdaptResult:
     params: Params
     """Adapted weights phi (detached unless ``create_graph``); always finite."""
     losses: list[float]
-    """Support loss (without the proximal term) at each step, before its update."""
+    """Support loss (without the proximal term) at each step, before its update (on that step's
+    transformed pairs when augmenting)."""
     final_loss: float = math.nan
     """Support loss (without the proximal term) at the returned ``params``."""
     status: str = "ok"
@@ -103,6 +105,7 @@ def adapt(
     create_graph: bool = False,
     steps: int | None = None,
     loss_fn: SegLoss = dice_bce_loss,
+    augment: bool = False,
 ) -> AdaptResult:
     """Fine-tune ``theta`` on the support set: ``steps`` (default ``config.inner_steps``) updates.
 
@@ -110,16 +113,27 @@ def adapt(
     ``config.lam/2 ||phi - theta||^2`` if ``proximal`` (theta detached there: iMAML's phi depends
     on theta only through the implicit gradient).  ``model`` may be any module whose forward maps
     ``support_x`` to what ``loss_fn`` compares with ``support_y``.  With ``create_graph`` the
-    result is differentiable w.r.t. ``theta`` (whose tensors must then require grad).
+    result is differentiable w.r.t. ``theta`` (whose tensors must then require grad).  With
+    ``augment``, step ``t`` sees support pair ``i`` under dihedral transform ``(t + i) % 8``
+    (a flip and/or quarter turn of image and mask alike), so k shots act as up to 8k; the
+    recorded ``losses`` are then those of the transformed pairs each step saw.
     """
     n_steps = config.inner_steps if steps is None else steps
     anchor = {k: t.detach() for k, t in theta.items()}
 
-    def task_loss(p: Params) -> Tensor:
-        return loss_fn(forward(model, p, support_x), support_y)
+    def task_loss(p: Params, x: Tensor = support_x, y: Tensor = support_y) -> Tensor:
+        return loss_fn(forward(model, p, x), y)
 
-    def objective(p: Params) -> tuple[Tensor, Tensor]:
-        loss = task_loss(p)
+    def views(t: int) -> tuple[Tensor, Tensor]:
+        if not augment:
+            return support_x, support_y
+        codes = [(t + i) % len(DIHEDRAL) for i in range(len(support_x))]
+        x = torch.stack([dihedral(xi, c) for xi, c in zip(support_x, codes, strict=True)])
+        y = torch.stack([dihedral(yi, c) for yi, c in zip(support_y, codes, strict=True)])
+        return x, y
+
+    def objective(p: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss = task_loss(p, x, y)
         total = loss
         if proximal:
             prox = sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
@@ -135,12 +149,13 @@ def adapt(
     step = _Step(config, phi)
     losses: list[float] = []
     previous: Params | None = None  # the weights before the last update (their loss was finite)
-    for _ in range(n_steps):
+    for t in range(n_steps):
+        x, y = views(t)
         if create_graph:
-            total, loss = objective(phi)
+            total, loss = objective(phi, x, y)
             grads = _grads_with_graph(total, phi)
         else:
-            grads, total = grad_and_value(task_loss)(phi)
+            grads, total = grad_and_value(task_loss)(phi, x, y)
             if proximal:
                 grads = _add_proximal(grads, phi, anchor, config.lam)
             loss = total = total.detach()
