@@ -233,3 +233,28 @@ def test_the_shipped_model_adapts_and_predicts_without_meta_training(tmp_path) -
     assert main(["predict", "--support", str(support), "--images", str(images), "--out",
                  str(out), "--inner-steps", "3", "-q"]) == 0
     assert len(list((out / "masks").glob("*.png"))) == 2
+
+
+def test_test_time_flags_reach_the_adapted_checkpoint_and_predictions(tiny_model, tmp_path,
+                                                                       capsys) -> None:
+    from imaml_seg.checkpoint import load_checkpoint
+
+    support = generic_tree(tmp_path / "support", n=2, h=40, w=52)
+    adapted = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                 str(adapted), "--optimizer", "adam", "--inner-lr", "0.003", "--inner-steps", "2",
+                 "--augment-support", "--tta", "-q"]) == 0
+    ev = load_checkpoint(adapted).config.eval
+    assert (ev.optimizer, ev.inner_lr, ev.inner_steps, ev.augment_support, ev.tta) == (
+        "adam", 0.003, 2, True, True
+    )
+    images = generic_tree(tmp_path / "new", n=1, h=30, w=44) / "images"
+    plain, tta = tmp_path / "plain", tmp_path / "tta"
+    assert main(["predict", "--model", str(tiny_model), "--images", str(images), "--out",
+                 str(plain), "-q"]) == 0
+    assert main(["predict", "--model", str(tiny_model), "--images", str(images), "--out",
+                 str(tta), "--tta", "-q"]) == 0
+    rows = [next(csv.DictReader(open(p / "areas.csv"))) for p in (plain, tta)]
+    assert rows[0]["image"] == rows[1]["image"] == "case0.png"
+    assert main(["evaluate", str(tiny_model), "--json", "--tta", "--augment-support", "-q"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["records"]) == 2

@@ -135,8 +135,38 @@ def _load_target(spec: str, config: RunConfig, args: argparse.Namespace):
     )
 
 
+def _test_time_args(p: argparse.ArgumentParser, *, tta: bool = True) -> None:
+    p.add_argument("--inner-steps", type=int, help="adaptation steps (default: the model's)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help="adaptation optimizer")
+    p.add_argument("--inner-lr", type=float, help="adaptation step size")
+    p.add_argument(
+        "--augment-support",
+        action="store_true",
+        help="flip/rotate the labelled images while adapting (k shots act as up to 8k)",
+    )
+    if tta:
+        p.add_argument(
+            "--tta", action="store_true", help="average predictions over 8 flips/rotations"
+        )
+
+
+def with_test_time(ckpt: Checkpoint, args: argparse.Namespace) -> Checkpoint:
+    """``ckpt`` with the command line's test-time settings in its config's ``[eval]``."""
+    from dataclasses import replace
+
+    overrides = {
+        key: getattr(args, key)
+        for key in ("inner_steps", "optimizer", "inner_lr")
+        if getattr(args, key, None) is not None
+    }
+    for flag in ("augment_support", "tta"):
+        if getattr(args, flag, False):
+            overrides[flag] = True
+    return replace(ckpt, config=merge(ckpt.config, {"eval": overrides})) if overrides else ckpt
+
+
 def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
-    """The evaluation wrapper for a checkpoint: adapt() from its theta, as it was trained."""
+    """The evaluation wrapper for a checkpoint: adapt() from its theta as its ``[eval]`` says."""
     from imaml_seg.evaluation import AdaptedModel
     from imaml_seg.meta.trainer import device_default
     from imaml_seg.model import build_model
@@ -158,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from imaml_seg.evaluation import evaluate, summarise
 
-    ckpt = resolve_model(args.model)
+    ckpt = with_test_time(resolve_model(args.model), args)
     config = ckpt.config
     target = _load_target(args.target or config.target, config, args)
     ev = replace(
@@ -166,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shots=tuple(args.shots) if args.shots else config.eval.shots,
         draws=args.draws or config.eval.draws,
     )
-    method = method_for(ckpt, config.meta.algorithm, args.inner_steps)
+    method = method_for(ckpt, config.meta.algorithm)
     records = evaluate([method], target, config.data, ev, seed=args.seed, quiet=args.quiet)
     summary = summarise(records)
     if args.json:
@@ -198,7 +228,8 @@ def adapt_on_folder(ckpt: Checkpoint, folder: str, args: argparse.Namespace) -> 
         progress=not args.quiet,
     )
     t0 = time.perf_counter()
-    phi = method_for(ckpt, "adapted", args.inner_steps).adapt(
+    ckpt = with_test_time(ckpt, args)
+    phi = method_for(ckpt, "adapted").adapt(
         torch.from_numpy(support.images), torch.from_numpy(support.masks)
     )
     state = {
@@ -229,6 +260,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_outputs(Path(args.images), Path(args.out), args.overwrite)  # refuse before adapting
     if args.support:
         ckpt = adapt_on_folder(ckpt, args.support, args)
+    elif args.tta:
+        ckpt = with_test_time(ckpt, args)
     rows = predict_folder(
         ckpt,
         Path(args.images),
@@ -324,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="dataset name, folder, or synthetic:<n>")
     p.add_argument("--shots", type=int, nargs="+")
     p.add_argument("--draws", type=int)
-    p.add_argument("--inner-steps", type=int, help="adaptation steps (default: the model's)")
+    _test_time_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     _data_args(p)
@@ -334,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=SHIPPED, help="checkpoint or 'shipped' (default)")
     p.add_argument("--support", required=True, help="folder with images/ and masks/")
     p.add_argument("--out", required=True, help="adapted checkpoint to write (.safetensors)")
-    p.add_argument("--inner-steps", type=int)
+    _test_time_args(p)
     p.add_argument("--overwrite", action="store_true")
     _data_args(p)
     p.set_defaults(func=cmd_adapt)
@@ -344,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="output folder (not inside --images)")
     p.add_argument("--support", help="adapt on this labelled folder first")
-    p.add_argument("--inner-steps", type=int)
+    _test_time_args(p)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _data_args(p)

@@ -22,8 +22,9 @@ from imaml_seg.checkpoint import Checkpoint
 from imaml_seg.data.cache import normalise, resize_image
 from imaml_seg.data.readers import IMAGE_SUFFIXES, image_files
 from imaml_seg.data.validate import DataError, load_image
+from imaml_seg.evaluation import predict_logits
 from imaml_seg.meta.trainer import device_default
-from imaml_seg.model import build_model, forward
+from imaml_seg.model import build_model
 from imaml_seg.plots import overlay
 
 
@@ -94,7 +95,8 @@ def predict_folder(
         chunk = raw[start : start + batch]
         small = np.stack([resize_image(img, r) for img in chunk])
         with torch.no_grad():
-            logits = forward(model, params, torch.from_numpy(normalise(small)).to(device)).cpu()
+            x = torch.from_numpy(normalise(small))
+            logits = predict_logits(model, params, x, device, tta=checkpoint.config.eval.tta)
         for path, img, logit in zip(files[start : start + batch], chunk, logits, strict=True):
             h, w = img.shape[:2]
             prob = torch.sigmoid(
