@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imaml_seg.config import ConfigError
-from imaml_seg.experiment import run_experiment
+from imaml_seg.experiment import describe_settings, markdown_table, run_experiment
 from imaml_seg.meta.trainer import Paths
 
 TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
@@ -115,6 +115,16 @@ def test_tuned_study_reuses_units_and_chooses_settings_on_the_sources(tmp_path) 
     assert scored["inner_steps"] == transfer["chosen"].get("inner_steps", 3)
     assert scored["tta"] == transfer["chosen"].get("tta", False)
     assert out["tuned"]["transfer"] == transfer["chosen"]
+    table = markdown_table(out)
+    assert "| method | test-time settings |" in table and "never on the target" in table
+    assert f"| transfer | {describe_settings(transfer['chosen'])} |" in table
+
+
+def test_settings_are_described_in_a_few_words() -> None:
+    assert describe_settings({}) == "preset"
+    chosen = {"inner_steps": 100, "inner_lr": 0.3, "augment_support": True, "tta": False}
+    assert describe_settings(chosen) == "100 steps, lr 0.3, support aug"
+    assert describe_settings({"optimizer": "adam", "tta": True}) == "Adam, TTA"
 
 
 def test_tuned_study_refuses_other_training_settings_and_unknown_candidates(tmp_path) -> None:

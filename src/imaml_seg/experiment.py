@@ -553,20 +553,36 @@ def run_experiment(
     return report(study, target, runs, results, figures=figures)
 
 
+def describe_settings(chosen: dict[str, Any]) -> str:
+    """Test-time ``[eval]`` overrides in a few words (``{}``: the preset's own)."""
+    words = {
+        "inner_steps": lambda v: f"{v} steps",
+        "optimizer": lambda v: {"sgd": "SGD", "adam": "Adam"}.get(v, v),
+        "inner_lr": lambda v: f"lr {v:g}",
+        "augment_support": lambda v: "support aug" if v else "",
+        "tta": lambda v: "TTA" if v else "",
+        "proximal": lambda v: "proximal" if v else "",
+    }
+    parts = [words[k](v) if k in words else f"{k}={v}" for k, v in chosen.items()]
+    return ", ".join(p for p in parts if p) or "preset"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The study's Dice table (mean and 95 % CI per shot count), from ``results/<name>.json``."""
     summary, tests = result["summary_dice"], result["wilcoxon_p"]
+    tuned = result.get("tuned") or {}
     shots = sorted({int(key.rsplit("@", 1)[1]) for key in summary})
     done = [m for m in result["methods"] if any(k.startswith(f"{m}@") for k in summary)]
-    head = "| method | " + " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
+    head = "| method | " + ("test-time settings | " if tuned else "")
+    head += " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
     refs = tested_against(result["methods"])
     mid = shots[len(shots) // 2]
     head += f" | IoU {mid}-shot | "
     head += " | ".join(f"Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
-    head += " |\n" + "|---" * (len(shots) + 2 + len(refs)) + "|\n"
+    head += " |\n" + "|---" * (len(shots) + 2 + len(refs) + bool(tuned)) + "|\n"
     rows = []
     for method in done:
-        cells = []
+        cells = [describe_settings(tuned.get(method, {}))] if tuned else []
         for k in shots:
             s = summary.get(f"{method}@{k}")
             cells.append(f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "-")
@@ -598,6 +614,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result['resolution']} px, {draws} support draws per shot count (the same for every "
         f"method); measured on {', '.join(devices)}."
     )
+    if tuned:
+        note += (
+            " Test-time settings chosen per method by mean Dice on validation tasks of the "
+            "sources (their test pools), never on the target; `preset` is the inner loop of "
+            "meta-training."
+        )
     if missing:
         note += f" Not run yet: {', '.join(missing)}."
     return head + "\n".join(rows) + "\n" + note + "\n"
