@@ -258,3 +258,13 @@ def test_test_time_flags_reach_the_adapted_checkpoint_and_predictions(tiny_model
     assert rows[0]["image"] == rows[1]["image"] == "case0.png"
     assert main(["evaluate", str(tiny_model), "--json", "--tta", "--augment-support", "-q"]) == 0
     assert len(json.loads(capsys.readouterr().out)["records"]) == 2
+
+
+def test_predict_refuses_adaptation_settings_without_a_support_set(tiny_model, tmp_path,
+                                                                  capsys) -> None:
+    images = generic_tree(tmp_path / "new", n=1, h=30, w=44) / "images"
+    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
+                            "--out", str(tmp_path / "out"), "--inner-steps", "5",
+                            "--augment-support", "-q"])
+    assert "--inner-steps --augment-support: only with --support" in err
+    assert not (tmp_path / "out").exists()

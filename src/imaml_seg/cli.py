@@ -135,7 +135,7 @@ def _load_target(spec: str, config: RunConfig, args: argparse.Namespace):
     )
 
 
-def _test_time_args(p: argparse.ArgumentParser, *, tta: bool = True) -> None:
+def _test_time_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-steps", type=int, help="adaptation steps (default: the model's)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="adaptation optimizer")
     p.add_argument("--inner-lr", type=float, help="adaptation step size")
@@ -144,10 +144,7 @@ def _test_time_args(p: argparse.ArgumentParser, *, tta: bool = True) -> None:
         action="store_true",
         help="flip/rotate the labelled images while adapting (k shots act as up to 8k)",
     )
-    if tta:
-        p.add_argument(
-            "--tta", action="store_true", help="average predictions over 8 flips/rotations"
-        )
+    p.add_argument("--tta", action="store_true", help="average predictions over 8 flips/rotations")
 
 
 def with_test_time(ckpt: Checkpoint, args: argparse.Namespace) -> Checkpoint:
@@ -256,6 +253,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imaml_seg.predict import check_outputs, predict_folder
 
+    adapting = [
+        f"--{k.replace('_', '-')}"
+        for k in ("inner_steps", "optimizer", "inner_lr")
+        if getattr(args, k) is not None
+    ] + (["--augment-support"] if args.augment_support else [])
+    if adapting and not args.support:
+        raise UsageError(f"{' '.join(adapting)}: only with --support (they set how it adapts)")
     ckpt = resolve_model(args.model)
     check_outputs(Path(args.images), Path(args.out), args.overwrite)  # refuse before adapting
     if args.support:

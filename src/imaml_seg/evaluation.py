@@ -101,6 +101,7 @@ class TestTimeAugmented:
     over the 8 flips/rotations of the query images (the support set is left as it is)."""
 
     method: FewShotMethod
+    __test__ = False  # a library class, not a pytest test class
 
     @property
     def name(self) -> str:
