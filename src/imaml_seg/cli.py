@@ -105,18 +105,16 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     config = _run_config(args)
     device = device_default()
     world = init_from_env(device)
-    try:
-        path = train(
-            config,
-            _paths(args, Path(args.out)),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            world=world,
-            device=device,
-        )
-    finally:
-        shutdown(world)
+    path = train(
+        config,
+        _paths(args, Path(args.out)),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        world=world,
+        device=device,
+    )
+    shutdown(world)  # only after success: see shutdown()
     if world.is_main and not args.quiet:
         print(f"checkpoint: {path}")
     return 0
