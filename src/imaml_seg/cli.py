@@ -145,10 +145,8 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average predictions over 8 flips/rotations")
 
 
-def with_test_time(ckpt: Checkpoint, args: argparse.Namespace) -> Checkpoint:
-    """``ckpt`` with the command line's test-time settings in its config's ``[eval]``."""
-    from dataclasses import replace
-
+def _test_time_overrides(args: argparse.Namespace) -> dict:
+    """The ``[eval]`` overrides the command line's test-time flags ask for."""
     overrides = {
         key: getattr(args, key)
         for key in ("inner_steps", "optimizer", "inner_lr")
@@ -157,10 +155,18 @@ def with_test_time(ckpt: Checkpoint, args: argparse.Namespace) -> Checkpoint:
     for flag in ("augment_support", "tta"):
         if getattr(args, flag, False):
             overrides[flag] = True
+    return overrides
+
+
+def with_test_time(ckpt: Checkpoint, args: argparse.Namespace) -> Checkpoint:
+    """``ckpt`` with the command line's test-time settings in its config's ``[eval]``."""
+    from dataclasses import replace
+
+    overrides = _test_time_overrides(args)
     return replace(ckpt, config=merge(ckpt.config, {"eval": overrides})) if overrides else ckpt
 
 
-def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
+def method_for(ckpt: Checkpoint, name: str):
     """The evaluation wrapper for a checkpoint: adapt() from its theta as its ``[eval]`` says."""
     from imaml_seg.evaluation import AdaptedModel
     from imaml_seg.meta.trainer import device_default
@@ -174,7 +180,6 @@ def method_for(ckpt: Checkpoint, name: str, steps: int | None = None):
         {k: v.to(device) for k, v in ckpt.theta.items()},
         c,
         device,
-        steps,
     )
 
 
@@ -251,11 +256,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imaml_seg.predict import check_outputs, predict_folder
 
-    adapting = [
-        f"--{k.replace('_', '-')}"
-        for k in ("inner_steps", "optimizer", "inner_lr")
-        if getattr(args, k) is not None
-    ] + (["--augment-support"] if args.augment_support else [])
+    adapting = [f"--{k.replace('_', '-')}" for k in _test_time_overrides(args) if k != "tta"]
     if adapting and not args.support:
         raise UsageError(f"{' '.join(adapting)}: only with --support (they set how it adapts)")
     ckpt = resolve_model(args.model)

@@ -60,7 +60,6 @@ class AdaptedModel:
         theta: Params,
         config: RunConfig,
         device: torch.device,
-        steps: int | None = None,
     ) -> AdaptedModel:
         """Adapt as ``config.eval`` says: its steps, optimizer, step size and augmentations,
         with iMAML's proximal term only if ``eval.proximal``."""
@@ -71,7 +70,7 @@ class AdaptedModel:
             model,
             theta,
             inner,
-            ev.inner_steps if steps is None else steps,
+            ev.inner_steps,
             proximal=config.meta.algorithm == "imaml" and ev.proximal,
             device=device,
             augment=ev.augment_support,

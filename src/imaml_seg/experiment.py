@@ -544,10 +544,11 @@ def run_experiment(
         data_root=paths.data_root,
         cache_dir=paths.cache_dir,
     )
+    trainer = study.trained_by(Path(spec).parent)
     for method in only or study.methods:
         if method not in study.methods:
             raise ConfigError(f"{spec}: method {method} is not in this study")
-        train_unit(study.trained_by(Path(spec).parent), method, paths, runs, quiet)
+        train_unit(trainer, method, paths, runs, quiet)
         tune_unit(study, method, paths, runs, results, quiet)
         evaluate_unit(study, method, target, runs, results, quiet)
     return report(study, target, runs, results, figures=figures)
