@@ -63,8 +63,10 @@ def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp
     # Units trained on another machine: no runs/ here; the saved predictions suffice.
     shutil.rmtree(tmp_path / "runs")
     (folder / "overlays.png").unlink()
+    (tmp_path / "results" / "mini.json").unlink()
     run_experiment(spec, Paths(Path(".")), quiet=True)
-    assert (folder / "overlays.png").is_file()
+    assert (folder / "overlays.png").is_file() and (tmp_path / "results" / "mini.json").is_file()
+    assert not (tmp_path / "runs").exists()  # finished units are not trained again
     # A unit evaluated elsewhere before predictions were saved is left out, with a warning.
     (folder / "prototype.overlay.npz").unlink()
     result = json.loads((folder / "prototype.json").read_text())
@@ -73,6 +75,26 @@ def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp
     with pytest.warns(UserWarning, match="left out prototype"):
         run_experiment(spec, Paths(Path(".")), quiet=True)
     assert not (folder / "prototype.overlay.npz").exists()
+
+
+def test_report_only_rebuilds_the_report_from_finished_units_without_running_any(
+    tmp_path,
+) -> None:
+    spec = mini_study(tmp_path, ["scratch", "prototype"], 2, [1], 2)
+    with pytest.raises(ConfigError, match="no finished unit yet"):
+        run_experiment(spec, Paths(Path(".")), quiet=True, report_only=True)
+    run_experiment(spec, Paths(Path(".")), quiet=True, only=["scratch"])
+    summary = tmp_path / "results" / "mini.json"
+    first = json.loads(summary.read_text())
+    summary.unlink()
+    (tmp_path / "results" / "mini" / "dice_vs_shots.png").unlink()
+    rebuilt = run_experiment(spec, Paths(Path(".")), quiet=True, report_only=True)
+    assert rebuilt["summary_dice"] == first["summary_dice"] and set(first["summary_dice"]) == {
+        "scratch@1"
+    }
+    assert json.loads(summary.read_text())["records"] == first["records"]
+    assert (tmp_path / "results" / "mini" / "dice_vs_shots.png").is_file()
+    assert not (tmp_path / "runs" / "mini" / "prototype").exists()  # prototype never ran
 
 
 def tuned_study(tmp_path: Path, methods: list[str], extra: str = "", stages: str = "") -> Path:

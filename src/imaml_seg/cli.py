@@ -292,17 +292,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from imaml_seg.experiment import markdown_table, run_experiment, study_dirs, update_readme
+    from imaml_seg.experiment import markdown_table, run_experiment, update_readme
 
     paths = _paths(args, Path(args.out) if args.out else None)
-    if args.report_only:
-        _, results, _ = study_dirs(Path(args.spec), paths)
-        summary = results.parent / f"{results.name}.json"
-        if not summary.is_file():
-            raise UsageError(f"{summary}: no results yet; run the study first")
-        result = json.loads(summary.read_text())
-    else:
-        result = run_experiment(Path(args.spec), paths, quiet=args.quiet, only=args.only)
+    result = run_experiment(
+        Path(args.spec), paths, quiet=args.quiet, only=args.only, report_only=args.report_only
+    )
     table = markdown_table(result)
     print(table)
     if args.readme and not update_readme(Path(args.readme), result["study"], table):
@@ -397,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="experiments/<name>.toml")
     p.add_argument("--out", help="results folder (default: the spec's)")
     p.add_argument("--only", nargs="+", help="run only these methods")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the table")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no unit: rebuild the table and figures from the finished units",
+    )
     p.add_argument("--readme", help="write the Dice table into this file between its markers")
     _data_args(p)
     p.set_defaults(func=cmd_experiment)

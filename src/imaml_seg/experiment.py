@@ -533,11 +533,16 @@ def run_experiment(
     quiet: bool = False,
     only: list[str] | None = None,
     figures: bool = True,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run every unit of the study that has not run yet, then write the report.
 
-    ``figures=False`` skips the overlay grid and plots, which adapt every method again."""
+    A unit whose result file exists is finished, wherever it ran: it is neither trained, tuned
+    nor scored again (its weights need not be here).  ``report_only`` runs no unit and rebuilds
+    the report from the finished ones.  ``figures=False`` skips the overlay grid and plots."""
     study, results, runs = study_dirs(spec, paths)
+    if report_only and not any((results / f"{m}.json").exists() for m in study.methods):
+        raise ConfigError(f"{results}: no finished unit yet; run the study first")
     target = load_arrays(
         study.config.target,
         study.config.data.resolution,
@@ -545,9 +550,11 @@ def run_experiment(
         cache_dir=paths.cache_dir,
     )
     trainer = study.trained_by(Path(spec).parent)
-    for method in only or study.methods:
+    for method in [] if report_only else only or study.methods:
         if method not in study.methods:
             raise ConfigError(f"{spec}: method {method} is not in this study")
+        if (results / f"{method}.json").exists():
+            continue
         train_unit(trainer, method, paths, runs, quiet)
         tune_unit(study, method, paths, runs, results, quiet)
         evaluate_unit(study, method, target, runs, results, quiet)
