@@ -1,0 +1,71 @@
+"""scripts/shrink_datasets.py: the shrunk copy gives the same cache, up to JPEG re-encoding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from imaml_seg.data.cache import load_arrays
+from tests.data.datafiles import disc, rgb, save
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "shrink_datasets.py"
+
+
+def _smooth(h: int, w: int, seed: int) -> np.ndarray:
+    """A photo-like ``uint8 (h, w, 3)`` image: smooth gradients JPEG keeps well."""
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    c = np.random.default_rng(seed).uniform(0.2, 0.8, 3)
+    return (255 * np.stack([c[0] * yy + 0.1, c[1] * xx + 0.1, c[2] * (xx + yy) / 2], -1)).astype(
+        np.uint8
+    )
+
+
+def _data_root(root: Path) -> Path:
+    for i in range(3):
+        save(root / "Kvasir-SEG" / "images" / f"k{i}.jpg", _smooth(40, 48, i), quality=95)
+        save(root / "Kvasir-SEG" / "masks" / f"k{i}.jpg", disc(40, 48, 8 + i), quality=95)
+        cvc = root / "CVC-ClinicDB"
+        (cvc / "Original").mkdir(parents=True, exist_ok=True)
+        (cvc / "Ground Truth").mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(cvc / "Original" / f"{i + 1}.tif", rgb(36, 44, i))
+        tifffile.imwrite(cvc / "Ground Truth" / f"{i + 1}.tif", disc(36, 44, 5 + i))
+    return root
+
+
+def _shrink(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--data-root", str(data), "--out", str(out),
+         "--resolution", "16", "--datasets", "Kvasir-SEG", "CVC-ClinicDB", *extra],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_the_copy_gives_the_same_masks_and_nearly_the_same_images(tmp_path) -> None:
+    data = _data_root(tmp_path / "data")
+    done = _shrink(data, tmp_path / "small")
+    assert done.returncode == 0, done.stderr
+    assert "CVC-ClinicDB: written; largest image pixel change from re-encoding 0/255" in done.stdout
+    for name, exact in (("CVC-ClinicDB", True), ("Kvasir-SEG", False)):
+        full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
+        small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
+        assert small.names == full.names
+        assert np.array_equal(small.masks, full.masks) and small.masks.any()
+        change = np.abs(small.images - full.images).mean()
+        assert change == 0 if exact else 0 < change < 0.1, (name, change)
+
+
+def test_an_existing_output_folder_is_refused_and_left_alone(tmp_path) -> None:
+    data = _data_root(tmp_path / "data")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    done = _shrink(data, mine)
+    assert done.returncode == 2 and f"{mine} exists" in done.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    missing = _shrink(tmp_path / "nowhere", tmp_path / "out2")
+    assert missing.returncode == 1 and "error:" in missing.stderr
+    assert "Traceback" not in missing.stderr
