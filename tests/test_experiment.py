@@ -142,11 +142,51 @@ def test_tuned_study_reuses_units_and_chooses_settings_on_the_sources(tmp_path) 
     assert f"| transfer | {describe_settings(transfer['chosen'])} |" in table
 
 
+def test_settings_chosen_per_shot_count_are_tuned_scored_and_reported_per_shot(tmp_path) -> None:
+    run_experiment(mini_study(tmp_path, ["scratch"], 2, [1, 2], 2), Paths(Path(".")), quiet=True)
+    untuned = json.loads((tmp_path / "results" / "mini" / "scratch.json").read_text())["records"]
+    spec = tmp_path / "experiments" / "mini_tuned.toml"
+    spec.write_text(
+        f'name = "mini_tuned"\ntrain_from = "mini"\npreset = "{TINY}"\nmethods = ["scratch"]\n'
+        "baseline_steps = 2\n[overrides]\neval = { shots = [1, 2], draws = 2 }\n"
+        "[tune]\ntasks = 2\nper_shot = true\nstages = [[{}, {inner_steps = 6}]]\n"
+    )
+    folder = tmp_path / "results" / "mini_tuned"
+    # A choice that differs per shot count: 1 shot keeps the preset, 2 shots take 6 steps.
+    folder.mkdir(parents=True)
+    hand = {"chosen_per_shot": {"1": {}, "2": {"inner_steps": 6}}}
+    (folder / "scratch.tune.json").write_text(json.dumps(hand))
+    out = run_experiment(spec, Paths(Path(".")), quiet=True)
+    scored = json.loads((folder / "scratch.json").read_text())
+    assert "eval" not in scored
+    assert [scored["eval_per_shot"][k]["inner_steps"] for k in ("1", "2")] == [3, 6]
+    same = {(r["shots"], r["draw"]): r["dice"] for r in untuned}
+    for r in scored["records"]:  # the same draws; only the 2-shot settings changed
+        if r["shots"] == 1:
+            assert r["dice"] == same[(1, r["draw"])]
+    assert sorted((r["shots"], r["draw"]) for r in scored["records"]) == sorted(same)
+    assert out["tuned"]["scratch"] == {"per_shot": hand["chosen_per_shot"]}
+    assert "| scratch | 1-shot: preset; 2-shot: 6 steps |" in markdown_table(out)
+    # Tuned from scratch: one choice per shot count, each on tasks with that many support pairs.
+    (folder / "scratch.tune.json").unlink()
+    (folder / "scratch.json").unlink()
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    tuned = json.loads((folder / "scratch.tune.json").read_text())
+    assert set(tuned["chosen_per_shot"]) == set(tuned["candidates_per_shot"]) == {"1", "2"}
+    for k in ("1", "2"):
+        candidates = tuned["candidates_per_shot"][k]
+        assert [c["eval"] for c in candidates] == [{}, {"inner_steps": 6}]
+        best = max(candidates, key=lambda c: c["dice"])["eval"]
+        assert tuned["chosen_per_shot"][k] == best
+
+
 def test_settings_are_described_in_a_few_words() -> None:
     assert describe_settings({}) == "preset"
     chosen = {"inner_steps": 100, "inner_lr": 0.3, "augment_support": True, "tta": False}
     assert describe_settings(chosen) == "100 steps, lr 0.3, support aug"
     assert describe_settings({"optimizer": "adam", "tta": True}) == "Adam, TTA"
+    per_shot = {"per_shot": {"10": {"tta": True}, "1": {}}}
+    assert describe_settings(per_shot) == "1-shot: preset; 10-shot: TTA"
 
 
 def test_tuned_study_refuses_other_training_settings_and_unknown_candidates(tmp_path) -> None:
@@ -156,4 +196,7 @@ def test_tuned_study_refuses_other_training_settings_and_unknown_candidates(tmp_
         run_experiment(spec, Paths(Path(".")), quiet=True)
     spec = tuned_study(tmp_path, ["scratch"], stages="[[{}, {inner_stepz = 6}]]")
     with pytest.raises(ConfigError, match="inner_stepz"):
+        run_experiment(spec, Paths(Path(".")), quiet=True)
+    spec.write_text(spec.read_text().replace("[tune]\n", "[tune]\nper_shots = true\n"))
+    with pytest.raises(ConfigError, match="unknown \\[tune\\] keys \\['per_shots'\\]"):
         run_experiment(spec, Paths(Path(".")), quiet=True)

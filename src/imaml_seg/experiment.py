@@ -84,6 +84,9 @@ class Study:
     """Stages of candidate ``[eval]`` overrides, scored on source validation tasks."""
     tune_tasks: int = 8
     """Source validation tasks (``data.shots`` support + ``TUNE_QUERY`` query pairs each)."""
+    tune_per_shot: bool = False
+    """Choose the settings once per shot count of ``[eval]``, on validation tasks with that
+    many support pairs (instead of once, at ``data.shots``)."""
 
     @classmethod
     def from_file(cls, path: Path) -> Study:
@@ -104,6 +107,10 @@ class Study:
             raise ConfigError(f"{path}: unknown methods {unknown} (known: {', '.join(METHODS)})")
         config = merge(base, overrides)
         tune = spec.get("tune", {})
+        unknown = sorted(set(tune) - {"stages", "tasks", "per_shot"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown [tune] keys {unknown} (known: stages, tasks, "
+                              "per_shot)")
         stages = tuple(tuple(dict(c) for c in stage) for stage in tune.get("stages", ()))
         for stage in stages:
             for candidate in stage:
@@ -119,6 +126,7 @@ class Study:
             spec.get("train_from"),
             stages,
             tune.get("tasks", 8),
+            bool(tune.get("per_shot", False)),
         )
         if study.train_from is not None:
             study.trained_by(path.parent)  # fail early if it cannot reuse those units
@@ -249,11 +257,23 @@ def evaluate_unit(
     path = results / f"{method}.json"
     if path.exists():
         return path
-    chosen = tuned_settings(results, method)
-    config = method_config(study, method, runs, chosen)
+    # Shot counts that share test-time settings are scored together; each draw's support set
+    # depends only on (seed, shots, draw), so grouping changes no draw.
+    groups: dict[str, list[int]] = {}
+    for k in study.config.eval.shots:
+        key = json.dumps(tuned_settings(results, method, k), sort_keys=True)
+        groups.setdefault(key, []).append(k)
     t0 = time.perf_counter()
-    wrapper = load_method(study, method, runs, device_default(), chosen)
-    records = evaluate([wrapper], target, config.data, config.eval, seed=config.seed, quiet=quiet)
+    records, evals, overlay = [], {}, None
+    for key, shots in groups.items():
+        chosen = {**json.loads(key), "shots": shots}
+        config = method_config(study, method, runs, chosen)
+        wrapper = load_method(study, method, runs, device_default(), chosen)
+        records += evaluate([wrapper], target, config.data, config.eval, seed=config.seed,
+                            quiet=quiet)
+        evals.update({str(k): to_dict(config)["eval"] for k in shots})
+        if overlay is None or _overlay_shots(study) in shots:
+            overlay = wrapper
     payload = {
         "study": study.name,
         "method": method,
@@ -261,14 +281,17 @@ def evaluate_unit(
         "sources": list(config.sources),
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": machine(),
-        "eval": to_dict(config)["eval"],
         "records": records,
     }
+    if len(groups) == 1:
+        payload["eval"] = to_dict(config)["eval"]
+    else:  # settings chosen per shot count
+        payload["eval_per_shot"] = evals
     _train_log = runs / method / "log.jsonl"
     if _train_log.exists():
         payload["train_log"] = [json.loads(x) for x in _train_log.read_text().splitlines() if x]
     results.mkdir(parents=True, exist_ok=True)
-    _save_overlay_predictions(study, target, wrapper, results / f"{method}{PREDICTIONS}")
+    _save_overlay_predictions(study, target, overlay, results / f"{method}{PREDICTIONS}")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload) + "\n")
     tmp.replace(path)
@@ -282,20 +305,34 @@ TUNED = ".tune.json"
 _ADAPTATION_ONLY = {"optimizer", "inner_lr", "inner_steps", "augment_support", "proximal"}
 
 
-def tuned_settings(results: Path, method: str) -> dict[str, Any]:
-    """The ``[eval]`` overrides chosen for ``method`` by :func:`tune_unit` ({} if not tuned)."""
+def tuned_choice(results: Path, method: str) -> dict[str, Any]:
+    """What :func:`tune_unit` chose for ``method``: its ``[eval]`` overrides, or
+    ``{"per_shot": {"<shots>": overrides, ...}}`` when chosen per shot count ({} if not tuned)."""
     path = results / f"{method}{TUNED}"
-    return json.loads(path.read_text())["chosen"] if path.exists() else {}
+    if not path.exists():
+        return {}
+    payload = json.loads(path.read_text())
+    if "chosen_per_shot" in payload:
+        return {"per_shot": payload["chosen_per_shot"]}
+    return payload["chosen"]
 
 
-def validation_tasks(config: RunConfig, paths: Paths, count: int) -> list[Task]:
+def tuned_settings(results: Path, method: str, shots: int) -> dict[str, Any]:
+    """The ``[eval]`` overrides chosen for ``method`` at ``shots`` support pairs ({} if none)."""
+    choice = tuned_choice(results, method)
+    return choice["per_shot"].get(str(shots), {}) if "per_shot" in choice else choice
+
+
+def validation_tasks(
+    config: RunConfig, paths: Paths, count: int, shots: int | None = None
+) -> list[Task]:
     """``count`` tasks from the sources' test pools (never seen in training, never the
-    target): ``data.shots`` support and ``TUNE_QUERY`` query pairs, not augmented, seeded apart
-    from the meta-trainer's own validation tasks."""
+    target): ``shots`` (default ``data.shots``) support and ``TUNE_QUERY`` query pairs, not
+    augmented, seeded apart from the meta-trainer's own validation tasks."""
     d = config.data
     sampler = TaskSampler(
         _sources(config, paths),
-        shots=d.shots,
+        shots=shots or d.shots,
         query_size=TUNE_QUERY,
         seed=config.seed + 2,
         test_fraction=d.test_fraction,
@@ -310,14 +347,46 @@ def tune_unit(
     study: Study, method: str, paths: Paths, runs: Path, results: Path, quiet: bool
 ) -> dict[str, Any]:
     """Choose ``method``'s test-time settings from ``study.tune_stages`` by mean Dice on source
-    validation tasks; the target is never looked at.  Returns the chosen ``[eval]`` overrides
-    and writes every candidate's score to ``results/<split>/<method>.tune.json``."""
+    validation tasks (per shot count if ``study.tune_per_shot``); the target is never looked at.
+    Returns :func:`tuned_choice` and writes every candidate's score to
+    ``results/<split>/<method>.tune.json``."""
     path = results / f"{method}{TUNED}"
     if not study.tune_stages or path.exists():
-        return tuned_settings(results, method)
+        return tuned_choice(results, method)
     t0 = time.perf_counter()
     config = method_config(study, method, runs)
-    tasks = validation_tasks(config, paths, study.tune_tasks)
+    payload: dict[str, Any] = {
+        "study": study.name,
+        "method": method,
+        "selected_on": [Path(s).name for s in config.sources],
+        "tasks": study.tune_tasks,
+        "query_size": TUNE_QUERY,
+    }
+    if study.tune_per_shot:
+        payload["chosen_per_shot"], payload["candidates_per_shot"] = {}, {}
+        for k in config.eval.shots:
+            tasks = validation_tasks(config, paths, study.tune_tasks, shots=k)
+            chosen, candidates = _choose(study, method, runs, tasks, quiet)
+            payload["chosen_per_shot"][str(k)] = chosen
+            payload["candidates_per_shot"][str(k)] = candidates
+    else:
+        tasks = validation_tasks(config, paths, study.tune_tasks)
+        payload["shots"] = config.data.shots
+        payload["chosen"], payload["candidates"] = _choose(study, method, runs, tasks, quiet)
+    payload["seconds"] = round(time.perf_counter() - t0, 1)
+    payload["machine"] = machine()
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+    return tuned_choice(results, method)
+
+
+def _choose(
+    study: Study, method: str, runs: Path, tasks: list[Task], quiet: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy over ``study.tune_stages``: each stage keeps its best candidate by mean Dice on
+    ``tasks``.  Returns the chosen overrides and every candidate scored."""
     device = device_default()
     scores: dict[str, float] = {}
     chosen: dict[str, Any] = {}
@@ -339,34 +408,23 @@ def tune_unit(
             if scores[key] > best_score:
                 best, best_score = trial, scores[key]
         chosen = best
-    payload = {
-        "study": study.name,
-        "method": method,
-        "selected_on": [Path(s).name for s in config.sources],
-        "tasks": len(tasks),
-        "shots": config.data.shots,
-        "query_size": TUNE_QUERY,
-        "candidates": [{"eval": json.loads(k), "dice": v} for k, v in scores.items()],
-        "chosen": chosen,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "machine": machine(),
-    }
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
-    return chosen
+    return chosen, [{"eval": json.loads(k), "dice": v} for k, v in scores.items()]
 
 
 PREDICTIONS = ".overlay.npz"
 """Suffix of a unit's saved test-pool predictions for the overlay figure (``results/<split>/``)."""
 
 
+def _overlay_shots(study: Study) -> int:
+    """Shots of the overlay figure's support set: 5 if evaluated, else the first shot count."""
+    return 5 if 5 in study.config.eval.shots else study.config.eval.shots[0]
+
+
 def _overlay_inputs(study: Study, target: SegArrays) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The overlay figure's support set (5 shots, draw 0) and test pool."""
+    """The overlay figure's support set (``_overlay_shots``, draw 0) and test pool."""
     config = study.config
     d = config.data
-    k = 5 if 5 in config.eval.shots else config.eval.shots[0]
+    k = _overlay_shots(study)
     support_x, support_y = draw_support(
         target, k, 0, seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed
     )
@@ -419,7 +477,7 @@ def report(
     for method in study.methods:
         path = results / f"{method}.json"
         if (results / f"{method}{TUNED}").exists():
-            tuned[method] = tuned_settings(results, method)
+            tuned[method] = tuned_choice(results, method)
         if path.exists():
             payload = json.loads(path.read_text())
             records += payload["records"]
@@ -484,7 +542,7 @@ def _overlays(study: Study, target: SegArrays, runs: Path, png: Path) -> None:
             if not (same_kind and _has_weights(method, runs)):
                 missing.append(method)
                 continue
-            chosen = tuned_settings(png.parent, method)
+            chosen = tuned_settings(png.parent, method, _overlay_shots(study))
             wrapper = load_method(study, method, runs, device_default(), chosen)
             _save_overlay_predictions(study, target, wrapper, saved)
         rows.append((method, _load_overlay_predictions(saved)))
@@ -562,7 +620,13 @@ def run_experiment(
 
 
 def describe_settings(chosen: dict[str, Any]) -> str:
-    """Test-time ``[eval]`` overrides in a few words (``{}``: the preset's own)."""
+    """Test-time ``[eval]`` overrides in a few words (``{}``: the preset's own); a per-shot
+    choice (:func:`tuned_choice`) reads ``1-shot: ...; 5-shot: ...``."""
+    if "per_shot" in chosen:
+        return "; ".join(
+            f"{k}-shot: {describe_settings(c)}"
+            for k, c in sorted(chosen["per_shot"].items(), key=lambda kc: int(kc[0]))
+        )
     words = {
         "inner_steps": lambda v: f"{v} steps",
         "optimizer": lambda v: {"sgd": "SGD", "adam": "Adam"}.get(v, v),
