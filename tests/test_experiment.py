@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from imaml_seg import experiment
 from imaml_seg.config import ConfigError
+from imaml_seg.data.validate import DataError
 from imaml_seg.experiment import describe_settings, markdown_table, run_experiment
 from imaml_seg.meta.trainer import Paths
 
@@ -78,7 +80,7 @@ def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp
 
 
 def test_report_only_rebuilds_the_report_from_finished_units_without_running_any(
-    tmp_path,
+    tmp_path, monkeypatch
 ) -> None:
     spec = mini_study(tmp_path, ["scratch", "prototype"], 2, [1], 2)
     with pytest.raises(ConfigError, match="no finished unit yet"):
@@ -95,6 +97,19 @@ def test_report_only_rebuilds_the_report_from_finished_units_without_running_any
     assert json.loads(summary.read_text())["records"] == first["records"]
     assert (tmp_path / "results" / "mini" / "dice_vs_shots.png").is_file()
     assert not (tmp_path / "runs" / "mini" / "prototype").exists()  # prototype never ran
+    # Without the target's images (a reader of the committed results): table and plots, no grid.
+    def no_data(*args, **kwargs):
+        raise DataError("dataset 'synthetic:7' is looked up in the data root, which is not set")
+
+    monkeypatch.setattr(experiment, "load_arrays", no_data)
+    summary.unlink()
+    (tmp_path / "results" / "mini" / "overlays.png").unlink()
+    with pytest.warns(UserWarning, match="overlay figure not rebuilt"):
+        again = run_experiment(spec, Paths(Path(".")), quiet=True, report_only=True)
+    assert again["summary_dice"] == first["summary_dice"] and again["target"] == "synthetic:7"
+    assert not (tmp_path / "results" / "mini" / "overlays.png").exists()
+    with pytest.raises(DataError):  # running units needs the data
+        run_experiment(spec, Paths(Path(".")), quiet=True)
 
 
 def tuned_study(tmp_path: Path, methods: list[str], extra: str = "", stages: str = "") -> Path:

@@ -53,6 +53,7 @@ from imaml_seg.checkpoint import load_checkpoint
 from imaml_seg.config import ConfigError, RunConfig, load, merge, to_dict
 from imaml_seg.data.cache import SegArrays, load_arrays
 from imaml_seg.data.tasks import Task, TaskSampler, draw_support, test_pool
+from imaml_seg.data.validate import DataError
 from imaml_seg.evaluation import (
     AdaptedModel,
     TestTimeAugmented,
@@ -470,16 +471,19 @@ def tested_against(methods: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def report(
-    study: Study, target: SegArrays, runs: Path, results: Path, *, figures: bool = True
+    study: Study, target: SegArrays | None, runs: Path, results: Path, *, figures: bool = True
 ) -> dict[str, Any]:
-    """Aggregate the per-method results into ``results/<name>.json`` (and figures)."""
+    """Aggregate the per-method results into ``results/<name>.json`` (and figures; the overlay
+    grid only with the ``target`` arrays)."""
     records, machines, train_logs, tuned = [], {}, {}, {}
+    target_name = target.name if target is not None else None
     for method in study.methods:
         path = results / f"{method}.json"
         if (results / f"{method}{TUNED}").exists():
             tuned[method] = tuned_choice(results, method)
         if path.exists():
             payload = json.loads(path.read_text())
+            target_name = target_name or payload["target"]
             records += payload["records"]
             machines[method] = payload["machine"]
             if payload.get("train_log"):
@@ -497,7 +501,7 @@ def report(
                         tests[f"{ref}_vs_{other}@{k}"] = p
     out = {
         "study": study.name,
-        "target": target.name,
+        "target": target_name or study.config.target,
         "sources": list(study.config.sources),
         "resolution": study.config.data.resolution,
         "methods": list(study.methods),
@@ -514,9 +518,10 @@ def report(
         method, k = key.rsplit("@", 1)
         curves.setdefault(method, {})[int(k)] = (s["mean"], s["ci_low"], s["ci_high"])
     if curves and figures:
-        dice_vs_shots(curves, results / "dice_vs_shots.png", f"{study.name}: {target.name}")
+        dice_vs_shots(curves, results / "dice_vs_shots.png", f"{study.name}: {out['target']}")
         learning_curves(train_logs, results / "learning_curves.png")
-        _overlays(study, target, runs, results / "overlays.png")
+        if target is not None:
+            _overlays(study, target, runs, results / "overlays.png")
     return out
 
 
@@ -601,12 +606,18 @@ def run_experiment(
     study, results, runs = study_dirs(spec, paths)
     if report_only and not any((results / f"{m}.json").exists() for m in study.methods):
         raise ConfigError(f"{results}: no finished unit yet; run the study first")
-    target = load_arrays(
-        study.config.target,
-        study.config.data.resolution,
-        data_root=paths.data_root,
-        cache_dir=paths.cache_dir,
-    )
+    try:
+        target = load_arrays(
+            study.config.target,
+            study.config.data.resolution,
+            data_root=paths.data_root,
+            cache_dir=paths.cache_dir,
+        )
+    except DataError as err:
+        if not report_only:
+            raise
+        warnings.warn(f"overlay figure not rebuilt (no target images): {err}", stacklevel=2)
+        target = None
     trainer = study.trained_by(Path(spec).parent)
     for method in [] if report_only else only or study.methods:
         if method not in study.methods:
