@@ -260,9 +260,10 @@ def evaluate_unit(
         return path
     # Shot counts that share test-time settings are scored together; each draw's support set
     # depends only on (seed, shots, draw), so grouping changes no draw.
+    choice = tuned_choice(results, method)
     groups: dict[str, list[int]] = {}
     for k in study.config.eval.shots:
-        key = json.dumps(tuned_settings(results, method, k), sort_keys=True)
+        key = json.dumps(settings_at(choice, k), sort_keys=True)
         groups.setdefault(key, []).append(k)
     t0 = time.perf_counter()
     records, evals, overlay = [], {}, None
@@ -318,10 +319,14 @@ def tuned_choice(results: Path, method: str) -> dict[str, Any]:
     return payload["chosen"]
 
 
+def settings_at(choice: dict[str, Any], shots: int) -> dict[str, Any]:
+    """The ``[eval]`` overrides of a :func:`tuned_choice` at ``shots`` support pairs."""
+    return choice["per_shot"].get(str(shots), {}) if "per_shot" in choice else choice
+
+
 def tuned_settings(results: Path, method: str, shots: int) -> dict[str, Any]:
     """The ``[eval]`` overrides chosen for ``method`` at ``shots`` support pairs ({} if none)."""
-    choice = tuned_choice(results, method)
-    return choice["per_shot"].get(str(shots), {}) if "per_shot" in choice else choice
+    return settings_at(tuned_choice(results, method), shots)
 
 
 def validation_tasks(
