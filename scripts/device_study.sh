@@ -9,6 +9,9 @@
 #
 #     bash scripts/device_study.sh OUT SECONDS
 #
+# SKIP="scratch prototype" leaves those methods' chains out (for example where their units came
+# back from an earlier machine and the time is better spent on the meta-learners).
+#
 # with .gpudata, .whl and any runs/<study>/transfer that came back earlier carried along.
 #
 # Every (study, method) chain runs as its own process on the one GPU: training, the units'
@@ -100,6 +103,7 @@ chain() {  # chain STUDY METHOD...: the study's units, then its _tuned companion
 
 for study in unseen_polyp_128 unseen_skin_128; do
   for methods in "transfer imaml_warm" imaml maml fomaml reptile scratch prototype incontext; do
+    case " ${SKIP:-} " in *" ${methods%% *} "*) continue ;; esac
     # shellcheck disable=SC2086
     chain $study $methods &
   done
