@@ -215,3 +215,26 @@ def test_tuned_study_refuses_other_training_settings_and_unknown_candidates(tmp_
     spec.write_text(spec.read_text().replace("[tune]\n", "[tune]\nper_shots = true\n"))
     with pytest.raises(ConfigError, match="unknown \\[tune\\] keys \\['per_shots'\\]"):
         run_experiment(spec, Paths(Path(".")), quiet=True)
+
+
+def test_extend_from_continues_the_shorter_studys_runs(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["scratch", "imaml"], 2, [1], 2)
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    runs = tmp_path / "runs"
+    short_log = (runs / "mini" / "imaml" / "log.jsonl").read_text().splitlines()
+    longer = spec.with_name("mini_long.toml")
+    text = spec.read_text().replace('name = "mini"', 'name = "mini_long"\nextend_from = "mini"')
+    meta_steps = int(experiment.Study.from_file(spec).config.meta.meta_steps)
+    longer.write_text(text + f"meta = {{ meta_steps = {meta_steps + 1} }}\n")
+    run_experiment(longer, Paths(Path(".")), quiet=True)
+    log = (runs / "mini_long" / "imaml" / "log.jsonl").read_text().splitlines()
+    assert log[:meta_steps] == short_log and len(log) == meta_steps + 1  # continued, not redone
+    assert (runs / "mini" / "imaml" / "log.jsonl").read_text().splitlines() == short_log
+    # Other settings than a longer budget cannot be continued: refused, naming the run.
+    other = spec.with_name("mini_other.toml")
+    other.write_text(
+        text.replace("mini_long", "mini_other")
+        + f"meta = {{ meta_steps = {meta_steps + 1}, meta_lr = 0.5 }}\n"
+    )
+    with pytest.raises(ConfigError, match=r"extend_from = 'mini'.*only meta_steps"):
+        run_experiment(other, Paths(Path(".")), quiet=True)

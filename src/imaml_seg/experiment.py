@@ -10,10 +10,13 @@ A study is a TOML file (``experiments/<name>.toml``)::
     [overrides]                          # optional, nested like a config file
     meta = { meta_steps = 200 }
 
-A study may reuse another's trained units (``train_from = "unseen_polyp"``) when it differs from
-it only in its ``[eval]`` section, and may choose each method's test-time settings on validation
-tasks of the *sources* (never the target) before scoring it: ``[tune]`` lists stages of
-candidate ``[eval]`` overrides; each stage keeps its best candidate (ties go to the first) and
+A study with more training steps may start its units from another's (``extend_from =
+"unseen_polyp"``): a unit with no run of its own continues that study's run of the same method to
+its own ``meta_steps`` / ``pretrain_steps`` (the weights of one longer run; nothing else may
+differ).  A study may reuse another's trained units (``train_from = "unseen_polyp"``) when it
+differs from it only in its ``[eval]`` section, and may choose each method's test-time settings
+on validation tasks of the *sources* (never the target) before scoring it: ``[tune]`` lists stages
+of candidate ``[eval]`` overrides; each stage keeps its best candidate (ties go to the first) and
 the next stage tries its own on top of it::
 
     [tune]
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import shutil
 import time
 import tomllib
 import warnings
@@ -61,7 +65,15 @@ from imaml_seg.evaluation import (
     paired_wilcoxon,
     summarise,
 )
-from imaml_seg.meta.trainer import Paths, device_default, init_theta, train
+from imaml_seg.meta.trainer import (
+    CHECKPOINT,
+    LOG,
+    Paths,
+    device_default,
+    extends,
+    init_theta,
+    train,
+)
 from imaml_seg.metrics import dice
 from imaml_seg.model import build_model
 from imaml_seg.plots import dice_vs_shots, learning_curves, overlay_grid
@@ -88,6 +100,8 @@ class Study:
     tune_per_shot: bool = False
     """Choose the settings once per shot count of ``[eval]``, on validation tasks with that
     many support pairs (instead of once, at ``data.shots``)."""
+    extend_from: str | None = None
+    """A study with smaller step budgets whose runs this one's units continue (when present)."""
 
     @classmethod
     def from_file(cls, path: Path) -> Study:
@@ -128,6 +142,7 @@ class Study:
             stages,
             tune.get("tasks", 8),
             bool(tune.get("per_shot", False)),
+            spec.get("extend_from"),
         )
         if study.train_from is not None:
             study.trained_by(path.parent)  # fail early if it cannot reuse those units
@@ -186,10 +201,30 @@ def train_unit(study: Study, method: str, paths: Paths, runs: Path, quiet: bool)
         train_unit(study, "transfer", paths, runs, quiet)
     config = method_config(study, method, runs)
     out = runs / method
+    if study.extend_from is not None and method not in BASELINES and method != "scratch":
+        _continue_from(study, method, config, out)
     if method in BASELINES:
         _train_baseline(study, method, config, paths, out, quiet)
     elif method != "scratch":
         train(config, replace(paths, out_dir=out), resume=True, quiet=quiet)
+
+
+def _continue_from(study: Study, method: str, config: RunConfig, out: Path) -> None:
+    """Seed ``out`` with ``study.extend_from``'s run of ``method`` (when it has one and ``out``
+    has none), for :func:`train` to continue to this study's step budget."""
+    source = out.parents[1] / str(study.extend_from) / method
+    if (out / CHECKPOINT).exists() or not (source / CHECKPOINT).exists():
+        return
+    if not extends(load_checkpoint(source / CHECKPOINT).config, config):
+        raise ConfigError(
+            f"study {study.name}: extend_from = '{study.extend_from}': {source} was trained "
+            f"with other settings than {method} here (only meta_steps and pretrain_steps may "
+            "grow; a warm start must be the same file)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (LOG, "config.json", CHECKPOINT):
+        if (source / name).exists():
+            shutil.copy2(source / name, out / name)
 
 
 def _sources(config: RunConfig, paths: Paths) -> list[SegArrays]:

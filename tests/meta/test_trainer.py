@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from imaml_seg.checkpoint import load_checkpoint
@@ -104,3 +105,29 @@ def test_all_tasks_failing_leaves_theta_unchanged(tmp_path, monkeypatch) -> None
     start = trainer.init_theta(config, torch.device("cpu"))
     for name in theta:
         assert torch.equal(theta[name], start[name])
+
+
+def test_a_finished_run_extended_to_more_steps_matches_one_longer_run(tmp_path) -> None:
+    config = merge(load(TINY), {"meta": {"meta_steps": 4, "val_every": 2}})
+    longer = merge(config, {"meta": {"meta_steps": 6}})
+    whole = load_checkpoint(train(longer, Paths(tmp_path / "whole"), quiet=True))
+    train(config, Paths(tmp_path / "ext"), quiet=True)
+    extended = load_checkpoint(train(longer, Paths(tmp_path / "ext"), resume=True, quiet=True))
+    assert extended.step == whole.step == 6 and extended.config == longer
+    assert extended.state["done"]
+    for name, value in whole.theta.items():
+        torch.testing.assert_close(extended.theta[name], value, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in read_log(tmp_path / "ext" / "log.jsonl")] == list(range(1, 7))
+    assert '"meta_steps": 6' in (tmp_path / "ext" / "config.json").read_text()
+
+
+def test_resume_with_other_settings_keeps_the_checkpoints_own(tmp_path) -> None:
+    config = merge(load(TINY), {"meta": {"meta_steps": 2, "val_every": 0}})
+    train(config, Paths(tmp_path), quiet=True)
+    shorter = merge(config, {"meta": {"meta_steps": 1}})
+    other_lr = merge(config, {"meta": {"meta_steps": 3, "meta_lr": 0.5}})
+    assert not trainer.extends(config, shorter) and not trainer.extends(config, other_lr)
+    assert trainer.extends(config, merge(config, {"meta": {"pretrain_steps": 99}}))
+    with pytest.warns(UserWarning, match="checkpoint's own config"):
+        ckpt = load_checkpoint(train(other_lr, Paths(tmp_path), resume=True, quiet=True))
+    assert ckpt.step == 2 and ckpt.config == config

@@ -10,7 +10,10 @@
 
 Every ``checkpoint_every`` steps the run is saved atomically; ``resume=True`` continues from the
 last checkpoint and reaches the same ``theta`` as an uninterrupted run, because tasks depend on
-``(seed, step, index)`` alone and the optimiser state is saved with the weights.
+``(seed, step, index)`` alone and the optimiser state is saved with the weights.  For the same
+reason a finished run can be continued to a larger step budget (``meta_steps`` or
+``pretrain_steps``, nothing else changed; see :func:`extends`): 600 steps and then 600 more reach
+the weights of one 1200-step run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,17 @@ class Paths:
     out_dir: Path
     data_root: Path | None = None
     cache_dir: Path | None = None
+
+
+def extends(old: RunConfig, new: RunConfig) -> bool:
+    """Whether ``new`` is ``old`` with a step budget (``meta_steps``, ``pretrain_steps``) at
+    least as large and nothing else changed, so that a run of ``old`` can be continued to it."""
+    budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
+    return (
+        replace(old, meta=replace(old.meta, **budget)) == new
+        and new.meta.meta_steps >= old.meta.meta_steps
+        and new.meta.pretrain_steps >= old.meta.pretrain_steps
+    )
 
 
 def device_default() -> torch.device:
@@ -170,11 +184,15 @@ def train(
     start, opt_state, state = 0, None, {}
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.config != config:
+        start, state = ckpt.step, ckpt.state
+        if ckpt.config != config and extends(ckpt.config, config):
+            state = {k: v for k, v in state.items() if k != "done"}
+            if world.is_main:
+                (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        elif ckpt.config != config:
             warnings.warn(f"{ckpt_path}: resuming with the checkpoint's own config", stacklevel=2)
             config = ckpt.config
         theta = {k: v.to(device) for k, v in ckpt.theta.items()}
-        start, state = ckpt.step, ckpt.state
         opt_state = {
             s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()
         }
