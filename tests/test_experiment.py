@@ -238,3 +238,34 @@ def test_extend_from_continues_the_shorter_studys_runs(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match=r"extend_from = 'mini'.*only meta_steps"):
         run_experiment(other, Paths(Path(".")), quiet=True)
+
+
+def test_extend_from_continues_warm_imaml_only_from_the_same_warm_start(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["imaml_warm"], 2, [1], 1)
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    runs = tmp_path / "runs"
+    short_log = (runs / "mini" / "imaml_warm" / "log.jsonl").read_text().splitlines()
+    meta = experiment.Study.from_file(spec).config.meta
+    text = spec.read_text().replace('name = "mini"', 'name = "NAME"\nextend_from = "mini"')
+    # The same transfer weights: the warm-started run is continued.
+    same = spec.with_name("mini_same.toml")
+    same.write_text(text.replace("NAME", "mini_same")
+                    + f"meta = {{ meta_steps = {meta.meta_steps + 1} }}\n")
+    run_experiment(same, Paths(Path(".")), quiet=True)
+    log = (runs / "mini_same" / "imaml_warm" / "log.jsonl").read_text().splitlines()
+    assert log[: meta.meta_steps] == short_log and len(log) == meta.meta_steps + 1
+    config = json.loads((runs / "mini_same" / "imaml_warm" / "config.json").read_text())
+    assert "mini_same" in config["meta"]["warm_start"]
+    # Transfer trained longer: other warm-start weights, so warm iMAML starts over.
+    longer = spec.with_name("mini_longer.toml")
+    longer.write_text(
+        text.replace("NAME", "mini_longer")
+        + f"meta = {{ meta_steps = {meta.meta_steps + 1}, "
+        f"pretrain_steps = {meta.pretrain_steps + 1} }}\n"
+    )
+    with pytest.warns(UserWarning, match="trained from the start"):
+        run_experiment(longer, Paths(Path(".")), quiet=True)
+    log = (runs / "mini_longer" / "imaml_warm" / "log.jsonl").read_text().splitlines()
+    assert len(log) == meta.meta_steps + 1 and log[0] != short_log[0]
+    transfer = (runs / "mini_longer" / "transfer" / "log.jsonl").read_text().splitlines()
+    assert len(transfer) == meta.pretrain_steps + 1

@@ -53,7 +53,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from imaml_seg.baselines import build_baseline
-from imaml_seg.checkpoint import load_checkpoint
+from imaml_seg.checkpoint import load_checkpoint, save_checkpoint
 from imaml_seg.config import ConfigError, RunConfig, load, merge, to_dict
 from imaml_seg.data.cache import SegArrays, load_arrays
 from imaml_seg.data.tasks import Task, TaskSampler, draw_support, test_pool
@@ -211,20 +211,43 @@ def train_unit(study: Study, method: str, paths: Paths, runs: Path, quiet: bool)
 
 def _continue_from(study: Study, method: str, config: RunConfig, out: Path) -> None:
     """Seed ``out`` with ``study.extend_from``'s run of ``method`` (when it has one and ``out``
-    has none), for :func:`train` to continue to this study's step budget."""
+    has none), for :func:`train` to continue to this study's step budget.
+
+    A warm-started run continues only from the same warm-start weights; from other ones (transfer
+    trained longer here) it is trained from the start, with a warning."""
     source = out.parents[1] / str(study.extend_from) / method
     if (out / CHECKPOINT).exists() or not (source / CHECKPOINT).exists():
         return
-    if not extends(load_checkpoint(source / CHECKPOINT).config, config):
+    ckpt = load_checkpoint(source / CHECKPOINT)
+    old, warm = ckpt.config, config.meta.warm_start
+    if warm is not None and old.meta.warm_start not in (None, warm):
+        if not _same_weights(Path(old.meta.warm_start), Path(warm)):
+            warnings.warn(
+                f"study {study.name}: {method} starts from other weights ({warm}) than "
+                f"{source}'s run; trained from the start",
+                stacklevel=2,
+            )
+            return
+        old = replace(old, meta=replace(old.meta, warm_start=warm))
+    if not extends(old, config):
         raise ConfigError(
             f"study {study.name}: extend_from = '{study.extend_from}': {source} was trained "
             f"with other settings than {method} here (only meta_steps and pretrain_steps may "
-            "grow; a warm start must be the same file)"
+            "grow)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    for name in (LOG, "config.json", CHECKPOINT):
-        if (source / name).exists():
-            shutil.copy2(source / name, out / name)
+    if (source / LOG).exists():
+        shutil.copy2(source / LOG, out / LOG)
+    (out / "config.json").write_text(json.dumps(to_dict(old), indent=2) + "\n")
+    save_checkpoint(out / CHECKPOINT, replace(ckpt, config=old))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same ``theta`` (both must exist)."""
+    if not (a.is_file() and b.is_file()):
+        return False
+    x, y = load_checkpoint(a).theta, load_checkpoint(b).theta
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def _sources(config: RunConfig, paths: Paths) -> list[SegArrays]:
