@@ -1,0 +1,104 @@
+"""Compare two finished units of different studies on their shared support draws.
+
+A study's report tests iMAML against the other methods *of that study*; this compares units
+across studies, e.g. iMAML with four times the meta-steps against scratch of the 2x study (scratch
+has nothing to train, so the longer studies leave it out).  The two studies must score the same
+support draws and test images (same target, resolution, seeds, split and test pool), which is
+checked from their study files::
+
+    python scripts/compare_units.py unseen_polyp_4x:imaml unseen_polyp_long:scratch --shots 5 10
+
+prints, per shot count, both means over the shared draws, the difference in Dice points and the
+two-sided paired Wilcoxon p-value.  Reads ``experiments/<study>.toml`` and
+``results/<study>/<method>.json`` under ``--root`` (default: the working directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from imaml_seg.config import ConfigError
+from imaml_seg.evaluation import paired_wilcoxon
+from imaml_seg.experiment import Study
+
+
+def draw_settings(study: Study) -> dict[str, object]:
+    """What decides a study's support draws and test images."""
+    c = study.config
+    return {
+        "target": c.target,
+        "resolution": c.data.resolution,
+        "seed": c.seed,
+        "test_fraction": c.data.test_fraction,
+        "split_seed": c.data.split_seed,
+        "test_size": c.eval.test_size,
+    }
+
+
+def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, object]]:
+    """One row per shot count: means over the shared draws, difference, Wilcoxon p."""
+    units = []
+    for unit in (a, b):
+        study_name, _, method = unit.partition(":")
+        if not method:
+            raise ConfigError(f"{unit}: expected STUDY:METHOD")
+        study = Study.from_file(root / "experiments" / f"{study_name}.toml")
+        result = root / "results" / study_name / f"{method}.json"
+        if not result.is_file():
+            raise ConfigError(f"{result}: no finished unit {method} of study {study_name}")
+        units.append((study, json.loads(result.read_text())["records"]))
+    (sa, ra), (sb, rb) = units
+    if draw_settings(sa) != draw_settings(sb):
+        raise ConfigError(
+            f"{sa.name} and {sb.name} score different draws or test images: "
+            f"{draw_settings(sa)} vs {draw_settings(sb)}"
+        )
+    records = [{**r, "method": "a"} for r in ra] + [{**r, "method": "b"} for r in rb]
+    rows = []
+    for k in shots:
+        da = {r["draw"]: r["dice"] for r in records if r["method"] == "a" and r["shots"] == k}
+        db = {r["draw"]: r["dice"] for r in records if r["method"] == "b" and r["shots"] == k}
+        common = sorted(set(da) & set(db))
+        if not common:
+            raise ConfigError(f"no {k}-shot draws shared by {a} and {b}")
+        mean_a = float(np.mean([da[d] for d in common]))
+        mean_b = float(np.mean([db[d] for d in common]))
+        rows.append({
+            "shots": k,
+            "draws": len(common),
+            "a": mean_a,
+            "b": mean_b,
+            "points": 100 * (mean_a - mean_b),
+            "p": paired_wilcoxon(records, "a", "b", k),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", help="STUDY:METHOD")
+    parser.add_argument("b", help="STUDY:METHOD")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    try:
+        rows = compare(args.root, args.a, args.b, args.shots)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"| shots | draws | {args.a} | {args.b} | points | Wilcoxon p |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        p = "-" if r["p"] is None else f"{r['p']:.2g}"
+        print(f"| {r['shots']} | {r['draws']} | {r['a']:.3f} | {r['b']:.3f} | "
+              f"{r['points']:+.1f} | {p} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
