@@ -47,17 +47,19 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
         study_name, _, method = unit.partition(":")
         if not method:
             raise ConfigError(f"{unit}: expected STUDY:METHOD")
-        study = Study.from_file(root / "experiments" / f"{study_name}.toml")
-        result = root / "results" / study_name / f"{method}.json"
-        if not result.is_file():
-            raise ConfigError(f"{result}: no finished unit {method} of study {study_name}")
-        units.append((study, json.loads(result.read_text())["records"]))
-    (sa, ra), (sb, rb) = units
+        units.append((Study.from_file(root / "experiments" / f"{study_name}.toml"), method))
+    (sa, _), (sb, _) = units
     if draw_settings(sa) != draw_settings(sb):
         raise ConfigError(
             f"{sa.name} and {sb.name} score different draws or test images: "
             f"{draw_settings(sa)} vs {draw_settings(sb)}"
         )
+    ra, rb = [], []
+    for (study, method), out in zip(units, (ra, rb), strict=True):
+        result = root / "results" / study.name / f"{method}.json"
+        if not result.is_file():
+            raise ConfigError(f"{result}: no finished unit {method} of study {study.name}")
+        out.extend(json.loads(result.read_text())["records"])
     records = [{**r, "method": "a"} for r in ra] + [{**r, "method": "b"} for r in rb]
     rows = []
     for k in shots:
