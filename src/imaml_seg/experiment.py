@@ -73,6 +73,7 @@ from imaml_seg.meta.trainer import (
     extends,
     init_theta,
     train,
+    write_config,
 )
 from imaml_seg.metrics import dice
 from imaml_seg.model import build_model
@@ -238,7 +239,7 @@ def _continue_from(study: Study, method: str, config: RunConfig, out: Path) -> N
     out.mkdir(parents=True, exist_ok=True)
     if (source / LOG).exists():
         shutil.copy2(source / LOG, out / LOG)
-    (out / "config.json").write_text(json.dumps(to_dict(old), indent=2) + "\n")
+    write_config(out, old)
     save_checkpoint(out / CHECKPOINT, replace(ckpt, config=old))
 
 

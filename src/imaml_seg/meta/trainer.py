@@ -68,6 +68,11 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     )
 
 
+def write_config(out: Path, config: RunConfig) -> None:
+    """``out/config.json``: the run's config, readable without loading the checkpoint."""
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
 def device_default() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -185,13 +190,16 @@ def train(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         start, state = ckpt.step, ckpt.state
-        if ckpt.config != config and extends(ckpt.config, config):
-            state = {k: v for k, v in state.items() if k != "done"}
-            if world.is_main:
-                (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        elif ckpt.config != config:
-            warnings.warn(f"{ckpt_path}: resuming with the checkpoint's own config", stacklevel=2)
-            config = ckpt.config
+        if ckpt.config != config:
+            if extends(ckpt.config, config):
+                state = {k: v for k, v in state.items() if k != "done"}
+                if world.is_main:
+                    write_config(out, config)
+            else:
+                warnings.warn(
+                    f"{ckpt_path}: resuming with the checkpoint's own config", stacklevel=2
+                )
+                config = ckpt.config
         theta = {k: v.to(device) for k, v in ckpt.theta.items()}
         opt_state = {
             s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()
@@ -203,7 +211,7 @@ def train(
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
             log_path.unlink(missing_ok=True)
-            (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+            write_config(out, config)
 
     total = {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(
         algorithm, config.meta.meta_steps
