@@ -1,7 +1,10 @@
-"""Figures: learning curves, prediction overlays, Dice against shots.  PNG via matplotlib (Agg)."""
+"""Figures: learning curves, prediction overlays, Dice against shots.  PNG via matplotlib (Agg),
+stored as 256-colour palette images (a quarter of the bytes of RGBA: the study's figures are
+committed and travel with the working tree)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +14,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+DPI = 110
+
+
+def save_png(fig: Figure, png: Path) -> Path:
+    """Write ``fig`` to ``png`` as a 256-colour palette PNG and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+    palette.save(png, optimize=True)
+    return Path(png)
 
 
 def learning_curve(log_path: Path, png: Path) -> Path | None:
@@ -49,9 +68,7 @@ def learning_curves(logs: dict[str, list[dict]], png: Path) -> Path | None:
             ax2.set_ylim(0, 1)
         ax.set_title(name)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return Path(png)
+    return save_png(fig, png)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -102,9 +119,7 @@ def overlay_grid(
             fontsize=8,
         )
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return Path(png)
+    return save_png(fig, png)
 
 
 def dice_vs_shots(
@@ -123,6 +138,4 @@ def dice_vs_shots(
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return Path(png)
+    return save_png(fig, png)
