@@ -19,7 +19,7 @@ from imaml_seg.data.cache import (
     preprocess,
 )
 from imaml_seg.data.validate import DataError, load_image, load_mask
-from tests.data.datafiles import disc, rgb, save
+from tests.data.datafiles import disc, generic_tree, rgb, save
 
 
 def _files(root: Path) -> dict[str, tuple[int, int]]:
@@ -134,6 +134,33 @@ def test_modifying_a_file_changes_the_arrays(generic: Path, tmp_path: Path) -> N
     second = load_arrays(str(generic), 16, data_root=None, cache_dir=tmp_path / "c")
     assert first.masks[0].any() and not second.masks[0].any()
     np.testing.assert_array_equal(first.masks[1:], second.masks[1:])
+
+
+def test_a_rebuilt_cache_replaces_the_stale_one_of_the_same_folder(
+    generic: Path, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "c"
+    load_arrays(str(generic), 16, data_root=None, cache_dir=cache_dir)
+    load_arrays(str(generic), 32, data_root=None, cache_dir=cache_dir)
+    twin = generic_tree(tmp_path / "elsewhere" / "toy")  # another folder with the same name
+    load_arrays(str(twin), 16, data_root=None, cache_dir=cache_dir)
+    legacy = cache_dir / "toy-16px-0123456789abcdef.npz"  # written before caches named their source
+    np.savez(legacy, images=np.zeros((1, 3, 16, 16), np.uint8))
+    before = {p.name for p in cache_dir.iterdir()}
+    assert len(before) == 4
+    mask = generic / "masks" / "case1.png"
+    stat = mask.stat()
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    load_arrays(str(generic), 16, data_root=None, cache_dir=cache_dir)
+    after = {p.name for p in cache_dir.iterdir()}
+    removed, added = before - after, after - before
+    assert len(removed) == 1 and len(added) == 1
+    (gone,) = removed
+    assert gone.startswith("toy-16px-") and gone != legacy.name
+    # the 32 px arrays, the twin folder's arrays and the legacy file are all kept
+    assert {n for n in after if n.startswith("toy-32px-")} and legacy.name in after
+    assert len(load_arrays(str(twin), 16, data_root=None, cache_dir=cache_dir)) == 6
+    assert {p.name for p in cache_dir.iterdir()} == after  # the twin's cache was still valid
 
 
 def test_adding_a_pair_invalidates(generic: Path, tmp_path: Path) -> None:

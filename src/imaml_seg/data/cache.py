@@ -26,6 +26,7 @@ Files are written atomically (temporary file + ``os.replace``) and never next to
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -178,17 +179,54 @@ def _read_cache(path: Path, name: str) -> SegArrays | None:
         return None  # unreadable or stale: rebuilt by the caller
 
 
-def _write_cache(path: Path, images: np.ndarray, masks: np.ndarray, names: list[str]) -> None:
+def _write_cache(
+    path: Path, images: np.ndarray, masks: np.ndarray, names: list[str], source: Path
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, masks=masks, names=np.array(names, dtype=str))
+            np.savez(
+                f,
+                images=images,
+                masks=masks,
+                names=np.array(names, dtype=str),
+                source=np.array(str(source.resolve())),
+            )
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _cached_source(path: Path) -> str | None:
+    """The dataset folder a cache file was built from (None for files that do not say)."""
+    try:
+        with np.load(path) as npz:
+            return str(npz["source"]) if "source" in npz.files else None
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def prune_superseded(path: Path, source: Path) -> list[Path]:
+    """Delete the cache files of the same folder and resolution as ``path`` built from older
+    versions of its files (other fingerprints), so that the cache does not grow each time the
+    dataset's files are touched.  Files of other folders, or that do not name theirs, are kept.
+    Returns the deleted paths."""
+    prefix = path.name.rsplit("-", 1)[0]
+    source_name = str(source.resolve())
+    removed = []
+    for other in path.parent.glob(f"{glob.escape(prefix)}-*.npz"):
+        if other == path or re.fullmatch(r"[0-9a-f]+\.npz", other.name[len(prefix) + 1 :]) is None:
+            continue
+        if _cached_source(other) == source_name:
+            try:
+                other.unlink()
+            except OSError:
+                continue
+            removed.append(other)
+    return removed
 
 
 def load_arrays(
@@ -230,7 +268,8 @@ def load_arrays(
     images, masks = _build(pairs, resolution, name, problems, folder, progress)
     names = [pair.image.stem for pair in pairs]
     try:
-        _write_cache(path, images, masks, names)
+        _write_cache(path, images, masks, names, folder)
+        prune_superseded(path, folder)
     except OSError as err:  # a read-only cache folder costs speed, not correctness
         warnings.warn(f"{path}: could not write the cache: {err}", stacklevel=2)
     return SegArrays(normalise(images), masks.astype(np.float32), tuple(names), name)
