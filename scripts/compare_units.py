@@ -54,13 +54,12 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
             f"{sa.name} and {sb.name} score different draws or test images: "
             f"{draw_settings(sa)} vs {draw_settings(sb)}"
         )
-    ra, rb = [], []
-    for (study, method), out in zip(units, (ra, rb), strict=True):
+    records = []  # both units' records, their method renamed "a" and "b"
+    for (study, method), label in zip(units, "ab", strict=True):
         result = root / "results" / study.name / f"{method}.json"
         if not result.is_file():
             raise ConfigError(f"{result}: no finished unit {method} of study {study.name}")
-        out.extend(json.loads(result.read_text())["records"])
-    records = [{**r, "method": "a"} for r in ra] + [{**r, "method": "b"} for r in rb]
+        records += [{**r, "method": label} for r in json.loads(result.read_text())["records"]]
     rows = []
     for k in shots:
         da = {r["draw"]: r["dice"] for r in records if r["method"] == "a" and r["shots"] == k}

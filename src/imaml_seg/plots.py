@@ -1,6 +1,6 @@
 """Figures: learning curves, prediction overlays, Dice against shots.  PNG via matplotlib (Agg),
-stored as 256-colour palette images (a quarter of the bytes of RGBA: the study's figures are
-committed and travel with the working tree)."""
+stored as 256-colour palette images (about a third of the bytes of RGBA: the study's figures
+are committed and travel with the working tree)."""
 
 from __future__ import annotations
 
