@@ -89,6 +89,11 @@ class MetaConfig:
     pretrain_batch_size: int = 16
     reptile_lr: float = 0.5
     """Outer interpolation rate of Reptile: ``theta += reptile_lr * (phi - theta)``."""
+    max_grad_norm: float | None = None
+    """Rescale each outer gradient (meta-gradient, pretraining gradient, Reptile's step) to at
+    most this global L2 norm before the update; None leaves it as is.  One spike otherwise
+    inflates Adam's second-moment estimate and shrinks every later step for ~1/(1 - beta2)
+    steps."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,22 @@ class RunConfig:
     sources: tuple[str, ...] = ("synthetic:0", "synthetic:1", "synthetic:2", "synthetic:3")
     target: str = "synthetic:7"
     seed: int = 0
+    """Seeds the evaluation's support draws and test pools, and training unless ``train_seed``
+    is set."""
+    train_seed: int | None = None
+    """Seeds training alone: the initialisation, the sampled tasks and batches, baselines' own
+    randomness.  Another ``train_seed`` retrains a method and keeps every evaluation draw, so
+    the retrains are compared draw by draw (training noise apart from draw noise)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
 
 class ConfigError(ValueError):
@@ -241,6 +256,10 @@ def validate(config: RunConfig) -> None:
             "inner.inner_lr * inner.lam must be < 2, or proximal SGD diverges",
         ),
         (config.meta.meta_batch_size >= 1, "meta.meta_batch_size must be >= 1"),
+        (
+            config.meta.max_grad_norm is None or config.meta.max_grad_norm > 0,
+            "meta.max_grad_norm must be > 0",
+        ),
         (len(config.sources) >= 1, "at least one source dataset is needed"),
     ]
     for ok, message in checks:

@@ -114,7 +114,7 @@ class Study:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
         base = load(spec.get("preset", "cpu"))
         overrides = dict(spec.get("overrides", {}))
-        for key in ("sources", "target", "seed"):
+        for key in ("sources", "target", "seed", "train_seed"):
             if key in spec:
                 overrides[key] = spec[key]
         methods = tuple(spec.get("methods", METHODS))
@@ -269,12 +269,12 @@ def _train_baseline(
         _sources(config, paths),
         shots=d.shots,
         query_size=d.query_size,
-        seed=config.seed,
+        seed=config.training_seed,
         test_fraction=d.test_fraction,
         split_seed=d.split_seed,
         augment=d.augment,
     )
-    model = build_baseline(method, resolution=d.resolution, seed=config.seed)
+    model = build_baseline(method, resolution=d.resolution, seed=config.training_seed)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.jsonl"
     log.unlink(missing_ok=True)
@@ -299,7 +299,9 @@ def load_method(
     """The evaluation wrapper of a trained method (with ``evaluation``'s [eval] overrides)."""
     config = method_config(study, method, runs, evaluation)
     if method in BASELINES:
-        model = build_baseline(method, resolution=config.data.resolution, seed=config.seed)
+        model = build_baseline(
+            method, resolution=config.data.resolution, seed=config.training_seed
+        )
         model.load_state_dict(load_file(str(runs / method / "weights.safetensors")))
         return TestTimeAugmented(model) if config.eval.tta else model
     if method == "scratch":

@@ -131,3 +131,37 @@ def test_resume_with_other_settings_keeps_the_checkpoints_own(tmp_path) -> None:
     with pytest.warns(UserWarning, match="checkpoint's own config"):
         ckpt = load_checkpoint(train(other_lr, Paths(tmp_path), resume=True, quiet=True))
     assert ckpt.step == 2 and ckpt.config == config
+
+
+def test_clip_grad_norm_rescales_only_above_the_limit() -> None:
+    grad = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}  # global norm 5
+    clipped, norm = trainer.clip_grad_norm(grad, 1.0)
+    assert norm == pytest.approx(5.0)
+    torch.testing.assert_close(clipped["a"], torch.tensor([0.6, 0.0]))
+    torch.testing.assert_close(clipped["b"], torch.tensor([[0.8]]))
+    for limit in (5.0, 10.0, None):
+        same, norm = trainer.clip_grad_norm(grad, limit)
+        assert norm == pytest.approx(5.0) and same is grad
+
+
+def test_max_grad_norm_bounds_every_outer_step(tmp_path, monkeypatch) -> None:
+    """The log holds each outer gradient's norm before clipping; Adam gets it rescaled to
+    ``max_grad_norm`` when larger."""
+    seen = []
+    real = trainer.OuterAdam.step
+
+    def spy(self, theta, grad, state, t):
+        seen.append(trainer.clip_grad_norm(grad, None)[1])
+        return real(self, theta, grad, state, t)
+
+    monkeypatch.setattr(trainer.OuterAdam, "step", spy)
+    config = merge(load(TINY), {"meta": {"meta_steps": 3, "val_every": 0}})
+    train(config, Paths(tmp_path / "free"), quiet=True)
+    free = [r["grad_norm"] for r in read_log(tmp_path / "free" / "log.jsonl")]
+    assert seen == pytest.approx(free) and all(n > 0 for n in free)
+    limit = min(free) / 2
+    seen.clear()
+    train(merge(config, {"meta": {"max_grad_norm": limit}}), Paths(tmp_path / "clip"), quiet=True)
+    logged = [r["grad_norm"] for r in read_log(tmp_path / "clip" / "log.jsonl")]
+    assert logged[0] == pytest.approx(free[0])  # the norm before clipping is what is logged
+    assert seen == pytest.approx([limit] * 3)

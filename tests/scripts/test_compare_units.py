@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imaml_seg.config import ConfigError
-from imaml_seg.experiment import run_experiment
+from imaml_seg.experiment import Study, run_experiment
 from imaml_seg.meta.trainer import Paths
 from tests.test_experiment import mini_study
 
@@ -47,5 +47,12 @@ def test_compare_matches_the_studys_own_test_and_refuses_other_draws(tmp_path, c
     other.write_text(study.read_text().replace('name = "mini"', 'name = "mini_seed"\nseed = 5'))
     with pytest.raises(ConfigError, match="mini_seed and mini score different draws"):
         compare_units.compare(tmp_path, "mini_seed:imaml", "mini:scratch", [1])
+    # Another training seed retrains on other tasks and scores the same draws: accepted.
+    retrain = study.with_name("mini_train1.toml")
+    text = study.read_text().replace('name = "mini"', 'name = "mini_train1"\ntrain_seed = 1')
+    retrain.write_text(text)
+    trained, draws = Study.from_file(retrain), compare_units.draw_settings
+    assert trained.config.training_seed == 1 and trained.config.seed == 0
+    assert draws(trained) == draws(Study.from_file(study))
     assert compare_units.main(["mini:nothing", "mini:scratch", "--root", str(tmp_path)]) == 2
     assert "no finished unit nothing" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def device_default() -> torch.device:
 
 def init_theta(config: RunConfig, device: torch.device) -> Params:
     """The seeded random initialisation (or the warm start's weights)."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.training_seed)
     theta = get_params(build_model(config.model))
     if config.meta.warm_start:
         warm = load_checkpoint(config.meta.warm_start)
@@ -117,6 +117,16 @@ class OuterAdam:
             v_hat = state["v"][k] / (1 - b2**t)
             out[k] = theta[k] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
         return out
+
+
+def clip_grad_norm(grad: Params, max_norm: float | None) -> tuple[Params, float]:
+    """``grad`` scaled down to a global L2 norm of at most ``max_norm`` (unchanged when it is
+    within it or ``max_norm`` is None), and its norm before scaling."""
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in grad.values()))
+    if max_norm is None or norm <= max_norm:
+        return grad, norm
+    scale = max_norm / norm
+    return {k: v * scale for k, v in grad.items()}, norm
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
@@ -226,7 +236,7 @@ def train(
         load_arrays(s, d.resolution, data_root=paths.data_root, cache_dir=paths.cache_dir)
         for s in config.sources
     ]
-    common = dict(seed=config.seed, test_fraction=d.test_fraction, split_seed=d.split_seed)
+    common = dict(seed=config.training_seed, test_fraction=d.test_fraction, split_seed=d.split_seed)
     sampler = TaskSampler(
         sources, shots=d.shots, query_size=d.query_size, augment=d.augment, **common
     )
@@ -236,7 +246,7 @@ def train(
         query_size=d.query_size,
         augment=False,
         pool="test",
-        **{**common, "seed": config.seed + 1},
+        **{**common, "seed": config.training_seed + 1},
     )
     adam = OuterAdam(config.meta.meta_lr)
     if opt_state is None:
@@ -269,6 +279,7 @@ def train(
         t0 = time.perf_counter()
         grad, record = step_fn(step)
         if grad is not None:
+            grad, record["grad_norm"] = clip_grad_norm(grad, config.meta.max_grad_norm)
             if algorithm == "reptile":
                 theta = {k: theta[k] - config.meta.reptile_lr * grad[k] for k in theta}
             else:
