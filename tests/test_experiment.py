@@ -269,3 +269,18 @@ def test_extend_from_continues_warm_imaml_only_from_the_same_warm_start(tmp_path
     assert len(log) == meta.meta_steps + 1 and log[0] != short_log[0]
     transfer = (runs / "mini_longer" / "transfer" / "log.jsonl").read_text().splitlines()
     assert len(transfer) == meta.pretrain_steps + 1
+
+
+def test_a_training_seed_retrains_on_the_same_draws_and_the_report_says_so(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["scratch"], 2, [1], 3)
+    first = run_experiment(spec, Paths(Path(".")), quiet=True)
+    retrain = spec.with_name("mini_s1.toml")
+    text = spec.read_text().replace('name = "mini"', 'name = "mini_s1"\ntrain_seed = 1')
+    retrain.write_text(text)
+    second = run_experiment(retrain, Paths(Path(".")), quiet=True)
+    assert (first["seed"], first["train_seed"]) == (0, 0)
+    assert (second["seed"], second["train_seed"]) == (0, 1)
+    assert "training seed" not in markdown_table(first)
+    assert "Trained with training seed 1 (draws of seed 0)." in markdown_table(second)
+    # Scratch's initialisation follows the training seed, so its scores move.
+    assert [r["dice"] for r in first["records"]] != [r["dice"] for r in second["records"]]

@@ -570,6 +570,8 @@ def report(
         "target": target_name or study.config.target,
         "sources": list(study.config.sources),
         "resolution": study.config.data.resolution,
+        "seed": study.config.seed,
+        "train_seed": study.config.training_seed,
         "methods": list(study.methods),
         "summary_dice": summary,
         "summary_iou": iou,
@@ -763,6 +765,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result['resolution']} px, {draws} support draws per shot count (the same for every "
         f"method); measured on {', '.join(devices)}."
     )
+    seed = result.get("seed", 0)
+    if result.get("train_seed", seed) != seed:
+        note += f" Trained with training seed {result['train_seed']} (draws of seed {seed})."
     if tuned:
         note += (
             " Test-time settings chosen per method by mean Dice on validation tasks of the "
