@@ -122,7 +122,7 @@ class OuterAdam:
 def clip_grad_norm(grad: Params, max_norm: float | None) -> tuple[Params, float]:
     """``grad`` scaled down to a global L2 norm of at most ``max_norm`` (unchanged when it is
     within it or ``max_norm`` is None), and its norm before scaling."""
-    norm = math.sqrt(sum(float(v.double().square().sum()) for v in grad.values()))
+    norm = float(torch.nn.utils.get_total_norm(list(grad.values())))  # one device sync
     if max_norm is None or norm <= max_norm:
         return grad, norm
     scale = max_norm / norm
