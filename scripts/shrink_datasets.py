@@ -5,7 +5,10 @@ are 165 MB.  Each pair is decoded, checked and resized exactly as the cache does
 (``imaml_seg.data.cache.resize_pair``), then written under the same relative path, so that the
 cache built from the copy at ``R`` px equals the cache built from the originals except for the
 lossy re-encoding of JPEG images (masks and TIFF/PNG/GIF images are lossless; the script prints
-the largest pixel difference per dataset).  DRIVE's field-of-view masks are copied too (nearest).
+the largest pixel difference per dataset).  ``--lossless`` stores JPEG-named images as PNG data
+under their original names (the readers go by content, not by suffix): larger, but then the cache
+built from the copy equals the one built from the originals.  DRIVE's field-of-view masks are
+copied too (nearest).
 
     python scripts/shrink_datasets.py --data-root ../shared/data --out .gpudata --resolution 128
 """
@@ -27,19 +30,22 @@ from imaml_seg.data.validate import DataError, check_pair, load_mask_grey
 DATASETS = ("Kvasir-SEG", "CVC-ClinicDB", "ISIC2018", "DRIVE")
 
 
-def write(path: Path, pixels: np.ndarray) -> None:
-    """Save ``uint8 (H, W)`` or ``(H, W, 3)`` in the format the file name says."""
+def write(path: Path, pixels: np.ndarray, lossless: bool = False) -> None:
+    """Save ``uint8 (H, W)`` or ``(H, W, 3)`` in the format the file name says (PNG data for a
+    JPEG name when ``lossless``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         tifffile.imwrite(path, pixels, compression="zlib", predictor=True)
+    elif suffix in (".jpg", ".jpeg") and lossless:
+        Image.fromarray(pixels).save(path, format="PNG")
     elif suffix in (".jpg", ".jpeg"):
         Image.fromarray(pixels).save(path, quality=95, subsampling=0)
     else:
         Image.fromarray(pixels).save(path)
 
 
-def shrink(name: str, data_root: Path, out: Path, resolution: int) -> float:
+def shrink(name: str, data_root: Path, out: Path, resolution: int, lossless: bool = False) -> float:
     """Write dataset ``name`` at ``resolution``; the largest image pixel change from re-encoding."""
     _, folder, _ = resolve_dataset(name, data_root)
     pairs, _ = read_dataset(name, data_root)
@@ -50,7 +56,7 @@ def shrink(name: str, data_root: Path, out: Path, resolution: int) -> float:
             raise DataError(f"{checked.problems[0]}")
         image, mask = resize_pair(checked.image, checked.mask, resolution)
         image_out = out / folder.name / pair.image.relative_to(folder)
-        write(image_out, image.transpose(1, 2, 0))
+        write(image_out, image.transpose(1, 2, 0), lossless)
         write(out / folder.name / pair.mask.relative_to(folder), mask[0].astype(np.uint8) * 255)
         if pair.fov is not None:
             fov = Image.fromarray(load_mask_grey(pair.fov))
@@ -70,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument(
+        "--lossless", action="store_true", help="PNG data for JPEG-named images (exact, larger)"
+    )
     args = parser.parse_args(argv)
     if args.out.resolve() == args.data_root.resolve() or args.out.exists():
         print(f"error: {args.out} exists; choose a new folder", file=sys.stderr)
         return 2
     try:
         for name in args.datasets:
-            worst = shrink(name, args.data_root, args.out, args.resolution)
+            worst = shrink(name, args.data_root, args.out, args.resolution, args.lossless)
             print(f"{name}: written; largest image pixel change from re-encoding {worst:.0f}/255")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
