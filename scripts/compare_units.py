@@ -27,19 +27,6 @@ from imaml_seg.evaluation import paired_wilcoxon
 from imaml_seg.experiment import Study
 
 
-def draw_settings(study: Study) -> dict[str, object]:
-    """What decides a study's support draws and test images."""
-    c = study.config
-    return {
-        "target": c.target,
-        "resolution": c.data.resolution,
-        "seed": c.seed,
-        "test_fraction": c.data.test_fraction,
-        "split_seed": c.data.split_seed,
-        "test_size": c.eval.test_size,
-    }
-
-
 def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, object]]:
     """One row per shot count: means over the shared draws, difference, Wilcoxon p."""
     units = []
@@ -49,10 +36,10 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
             raise ConfigError(f"{unit}: expected STUDY:METHOD")
         units.append((Study.from_file(root / "experiments" / f"{study_name}.toml"), method))
     (sa, _), (sb, _) = units
-    if draw_settings(sa) != draw_settings(sb):
+    if sa.draw_settings() != sb.draw_settings():
         raise ConfigError(
             f"{sa.name} and {sb.name} score different draws or test images: "
-            f"{draw_settings(sa)} vs {draw_settings(sb)}"
+            f"{sa.draw_settings()} vs {sb.draw_settings()}"
         )
     records = []  # both units' records, their method renamed "a" and "b"
     for (study, method), label in zip(units, "ab", strict=True):

@@ -169,6 +169,19 @@ class Study:
             raise ConfigError(f"study {self.name}: {spec} does not train {missing}")
         return other
 
+    def draw_settings(self) -> dict[str, Any]:
+        """What decides the study's support draws and test images: two studies with equal
+        settings score the same draws, so their units can be compared draw by draw."""
+        c = self.config
+        return {
+            "target": c.target,
+            "resolution": c.data.resolution,
+            "seed": c.seed,
+            "test_fraction": c.data.test_fraction,
+            "split_seed": c.data.split_seed,
+            "test_size": c.eval.test_size,
+        }
+
 
 def machine() -> dict[str, Any]:
     """Where a result was measured."""

@@ -51,8 +51,8 @@ def test_compare_matches_the_studys_own_test_and_refuses_other_draws(tmp_path, c
     retrain = study.with_name("mini_train1.toml")
     text = study.read_text().replace('name = "mini"', 'name = "mini_train1"\ntrain_seed = 1')
     retrain.write_text(text)
-    trained, draws = Study.from_file(retrain), compare_units.draw_settings
+    trained = Study.from_file(retrain)
     assert trained.config.training_seed == 1 and trained.config.seed == 0
-    assert draws(trained) == draws(Study.from_file(study))
+    assert trained.draw_settings() == Study.from_file(study).draw_settings()
     assert compare_units.main(["mini:nothing", "mini:scratch", "--root", str(tmp_path)]) == 2
     assert "no finished unit nothing" in capsys.readouterr().err
