@@ -13,12 +13,17 @@ the difference in Dice points for each seed, their mean and standard deviation, 
 favour A, and the paired Wilcoxon p-value over draws of the Dice averaged over the seeds that
 trained both methods (the seed ensemble's test; the per-seed tests are in each study's report).
 A method missing from a study is shown as "-" and left out of that seed's statistics.
+
+``--readme README.md`` writes the tables between ``<!-- SEEDS: ARGS -->`` and ``<!-- /SEEDS -->``,
+where ARGS are this command's other arguments (tests/test_readme.py checks that they stay true).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -160,28 +165,65 @@ def markdown(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+README_BLOCK = re.compile(r"<!-- SEEDS: (.+?) -->\n(.*?)<!-- /SEEDS -->", re.S)
+
+
+def readme_blocks(text: str) -> list[tuple[list[str], str]]:
+    """Each ``<!-- SEEDS: ARGS -->`` block of a README: its arguments and its tables."""
+    return [(shlex.split(m.group(1)), m.group(2)) for m in README_BLOCK.finditer(text)]
+
+
+def write_readme(readme: Path, args: list[str], tables: str) -> bool:
+    """Put ``tables`` into the block of ``readme`` made with ``args``; False if it has none."""
+    text = readme.read_text()
+    for m in README_BLOCK.finditer(text):
+        if shlex.split(m.group(1)) == args:
+            readme.write_text(text[: m.start(2)] + tables + "\n" + text[m.end(2) :])
+            return True
+    return False
+
+
+def tables(args: argparse.Namespace) -> str:
+    """Both tables for parsed arguments (raises ConfigError on bad input)."""
+    pairs = []
+    for pair in args.pairs:
+        a, _, b = pair.partition(":")
+        if not a or not b:
+            raise ConfigError(f"--pairs {pair}: expected A:B")
+        pairs.append((a, b))
+    loaded = load(args.root, args.studies)
+    methods = args.methods or list(dict.fromkeys(m for s, _ in loaded for m in s.methods))
+    rows = method_rows(loaded, methods, args.shots)
+    return markdown(loaded, rows, pair_rows(loaded, pairs, args.shots))
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("studies", nargs="+", help="the same study with different train_seed")
     parser.add_argument("--methods", nargs="+", help="default: every method of the studies")
     parser.add_argument("--pairs", nargs="*", default=[], help="A:B, e.g. imaml:maml")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--root", type=Path, default=Path("."))
-    args = parser.parse_args(argv)
+    parser.add_argument("--readme", type=Path, help="write the tables into this README's block")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
     try:
-        pairs = []
-        for pair in args.pairs:
-            a, _, b = pair.partition(":")
-            if not a or not b:
-                raise ConfigError(f"--pairs {pair}: expected A:B")
-            pairs.append((a, b))
-        loaded = load(args.root, args.studies)
-        methods = args.methods or list(dict.fromkeys(m for s, _ in loaded for m in s.methods))
-        rows = method_rows(loaded, methods, args.shots)
+        text = tables(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(markdown(loaded, rows, pair_rows(loaded, pairs, args.shots)))
+    print(text)
+    if args.readme is not None:
+        own = [a for i, a in enumerate(argv) if not a.startswith("--readme")
+               and not (i > 0 and argv[i - 1] == "--readme")]
+        if not write_readme(args.readme, own, text):
+            print(f"error: {args.readme} has no <!-- SEEDS: {shlex.join(own)} --> block",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

@@ -44,3 +44,17 @@ def test_demo_table_in_the_readme_matches_its_result() -> None:
     block = text.split("<!-- DEMO -->\n```text\n", 1)[1].split("\n```\n<!-- /DEMO -->")[0]
     result = json.loads((REPO / "results" / "demo.json").read_text())
     assert block == result["table"].rstrip("\n")
+
+
+def test_seed_tables_in_the_readme_match_their_results() -> None:
+    import importlib.util
+
+    script = REPO / "scripts" / "seed_spread.py"
+    spec = importlib.util.spec_from_file_location("seed_spread", script)
+    seed_spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_spread)
+    blocks = seed_spread.readme_blocks((REPO / "README.md").read_text())
+    assert blocks, "the README has no training-seed tables"
+    for args, block in blocks:
+        parsed = seed_spread.parser().parse_args([*args, "--root", str(REPO)])
+        assert block == seed_spread.tables(parsed) + "\n", f"README seed tables {args} are stale"
