@@ -82,3 +82,21 @@ def test_refuses_other_draws_a_repeated_training_seed_and_a_bad_pair(tmp_path, c
         seed_spread.load(tmp_path, ["mini", "mini_draws"])
     assert seed_spread.main(["mini", "--pairs", "imaml", "--root", str(tmp_path)]) == 2
     assert "--pairs imaml: expected A:B" in capsys.readouterr().err
+
+
+def test_readme_block_is_written_in_place_and_a_missing_block_is_an_error(tmp_path) -> None:
+    study = mini_study(tmp_path, ["scratch", "imaml"], 2, [1], 2)
+    run_experiment(study, Paths(Path(".")), quiet=True)
+    retrained(study, "mini_seed1", 1, 0.1)
+    args = ["mini", "mini_seed1", "--pairs", "imaml:scratch", "--shots", "1", "--root",
+            str(tmp_path)]
+    readme = tmp_path / "README.md"
+    marker = "<!-- SEEDS: " + " ".join(args) + " -->"
+    readme.write_text(f"intro\n{marker}\nold table\n<!-- /SEEDS -->\nrest\n")
+    assert seed_spread.main([*args, "--readme", str(readme)]) == 0
+    tables = seed_spread.tables(seed_spread.parser().parse_args(args))
+    assert readme.read_text() == f"intro\n{marker}\n{tables}\n<!-- /SEEDS -->\nrest\n"
+    assert seed_spread.readme_blocks(readme.read_text()) == [(args, tables + "\n")]
+    readme.write_text("no block\n")
+    assert seed_spread.main([*args, "--readme", str(readme)]) == 2
+    assert readme.read_text() == "no block\n"
