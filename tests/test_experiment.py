@@ -284,3 +284,15 @@ def test_a_training_seed_retrains_on_the_same_draws_and_the_report_says_so(tmp_p
     assert "Trained with training seed 1 (draws of seed 0)." in markdown_table(second)
     # Scratch's initialisation follows the training seed, so its scores move.
     assert [r["dice"] for r in first["records"]] != [r["dice"] for r in second["records"]]
+
+
+def test_a_unit_scored_on_other_draws_than_the_study_now_says_is_refused(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["scratch"], 2, [1], 2)
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    unit = tmp_path / "results" / "mini" / "scratch.json"
+    assert json.loads(unit.read_text())["draws"]["seed"] == 0
+    spec.write_text(spec.read_text().replace('name = "mini"', 'name = "mini"\nseed = 3'))
+    for report_only in (False, True):
+        with pytest.raises(ConfigError, match=r"scratch.json: scored with seed = 0, but study "
+                           r"mini now says seed = 3; move the file away"):
+            run_experiment(spec, Paths(Path(".")), quiet=True, report_only=report_only)

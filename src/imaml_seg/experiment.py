@@ -355,6 +355,7 @@ def evaluate_unit(
         "method": method,
         "target": target.name,
         "sources": list(config.sources),
+        "draws": study.draw_settings(),
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": machine(),
         "records": records,
@@ -549,6 +550,23 @@ def tested_against(methods: tuple[str, ...] | list[str]) -> list[str]:
     return [m for m in IMAML_VARIANTS if m in methods]
 
 
+def check_unit(study: Study, path: Path, payload: dict[str, Any]) -> None:
+    """Refuse a finished unit scored on other draws or test images than ``study`` now says
+    (its file was made before the study file changed): reporting it would mix experiments."""
+    settings = study.draw_settings()
+    # units finished before the draw settings were recorded carry only their target's name
+    made = payload.get("draws") or {"target": payload["target"]}
+    differ = sorted(k for k in made if made[k] != settings.get(k))
+    if differ:
+        raise ConfigError(
+            f"{path}: scored with "
+            + ", ".join(f"{k} = {made[k]}" for k in differ)
+            + f", but study {study.name} now says "
+            + ", ".join(f"{k} = {settings.get(k)}" for k in differ)
+            + "; move the file away to score it again, or give the changed study a new name"
+        )
+
+
 def report(
     study: Study, target: SegArrays | None, runs: Path, results: Path, *, figures: bool = True
 ) -> dict[str, Any]:
@@ -562,6 +580,7 @@ def report(
             tuned[method] = tuned_choice(results, method)
         if path.exists():
             payload = json.loads(path.read_text())
+            check_unit(study, path, payload)
             target_name = target_name or payload["target"]
             records += payload["records"]
             machines[method] = payload["machine"]
@@ -704,6 +723,8 @@ def run_experiment(
         if method not in study.methods:
             raise ConfigError(f"{spec}: method {method} is not in this study")
         if (results / f"{method}.json").exists():
+            path = results / f"{method}.json"
+            check_unit(study, path, json.loads(path.read_text()))
             continue
         train_unit(trainer, method, paths, runs, quiet)
         tune_unit(study, method, paths, runs, results, quiet)
