@@ -58,6 +58,20 @@ def test_the_copy_gives_the_same_masks_and_nearly_the_same_images(tmp_path) -> N
         assert change == 0 if exact else 0 < change < 0.1, (name, change)
 
 
+
+def test_lossless_copy_gives_the_same_cache_with_jpeg_names_kept(tmp_path) -> None:
+    data = _data_root(tmp_path / "data")
+    done = _shrink(data, tmp_path / "small", "--lossless")
+    assert done.returncode == 0, done.stderr
+    assert "Kvasir-SEG: written; largest image pixel change from re-encoding 0/255" in done.stdout
+    copy = tmp_path / "small" / "Kvasir-SEG" / "images" / "k0.jpg"
+    assert copy.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # PNG data under the official name
+    for name in ("Kvasir-SEG", "CVC-ClinicDB"):
+        full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
+        small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
+        assert small.names == full.names
+        assert np.array_equal(small.images, full.images) and np.array_equal(small.masks, full.masks)
+
 def test_an_existing_output_folder_is_refused_and_left_alone(tmp_path) -> None:
     data = _data_root(tmp_path / "data")
     mine = tmp_path / "mine"
