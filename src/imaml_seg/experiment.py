@@ -722,9 +722,9 @@ def run_experiment(
     for method in [] if report_only else only or study.methods:
         if method not in study.methods:
             raise ConfigError(f"{spec}: method {method} is not in this study")
-        if (results / f"{method}.json").exists():
-            path = results / f"{method}.json"
-            check_unit(study, path, json.loads(path.read_text()))
+        finished = results / f"{method}.json"
+        if finished.exists():
+            check_unit(study, finished, json.loads(finished.read_text()))
             continue
         train_unit(trainer, method, paths, runs, quiet)
         tune_unit(study, method, paths, runs, results, quiet)
