@@ -28,6 +28,9 @@ data=${3:?usage: device_units.sh OUT SECONDS DATA RESOLUTION CHAIN...}
 resolution=${4:?usage: device_units.sh OUT SECONDS DATA RESOLUTION CHAIN...}
 shift 4
 [ $# -gt 0 ] || { echo "device_units.sh: no CHAIN given" >&2; exit 2; }
+[ -d "$data" ] || { echo "device_units.sh: $data: no datasets folder (carry it)" >&2; exit 2; }
+compgen -G ".whl/monai-*.whl" >/dev/null ||
+  { echo "device_units.sh: .whl/monai-*.whl: no MONAI wheel (carry .whl)" >&2; exit 2; }
 start=$(date +%s)
 end=$((start + seconds))
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
