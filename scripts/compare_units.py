@@ -36,11 +36,7 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
             raise ConfigError(f"{unit}: expected STUDY:METHOD")
         units.append((Study.from_file(root / "experiments" / f"{study_name}.toml"), method))
     (sa, _), (sb, _) = units
-    if sa.draw_settings() != sb.draw_settings():
-        raise ConfigError(
-            f"{sa.name} and {sb.name} score different draws or test images: "
-            f"{sa.draw_settings()} vs {sb.draw_settings()}"
-        )
+    sa.check_same_draws(sb)
     records = []  # both units' records, their method renamed "a" and "b"
     for (study, method), label in zip(units, "ab", strict=True):
         result = root / "results" / study.name / f"{method}.json"

@@ -51,11 +51,7 @@ def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Dice]]]:
         loaded.append((study, units))
     first = loaded[0][0]
     for study, _ in loaded[1:]:
-        if study.draw_settings() != first.draw_settings():
-            raise ConfigError(
-                f"{study.name} and {first.name} score different draws or test images: "
-                f"{study.draw_settings()} vs {first.draw_settings()}"
-            )
+        study.check_same_draws(first)
     seeds = [study.config.training_seed for study, _ in loaded]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"training seeds {seeds} of {names}: each study needs its own")

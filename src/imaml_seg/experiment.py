@@ -182,6 +182,14 @@ class Study:
             "test_size": c.eval.test_size,
         }
 
+    def check_same_draws(self, other: Study) -> None:
+        """Raise unless ``other`` scores the same support draws and test images."""
+        if self.draw_settings() != other.draw_settings():
+            raise ConfigError(
+                f"{self.name} and {other.name} score different draws or test images: "
+                f"{self.draw_settings()} vs {other.draw_settings()}"
+            )
+
 
 def machine() -> dict[str, Any]:
     """Where a result was measured."""
