@@ -8,6 +8,9 @@
 # (the machine has PyTorch but no MONAI and no package index).  A CHAIN is one process:
 # STUDY:METHOD[,METHOD...] segments joined by '/', run one after another, e.g.
 # "unseen_skin_seed1:transfer,imaml_warm" or "unseen_polyp_128:imaml/unseen_polyp_128_tuned:imaml".
+# A segment "after:STUDY:METHOD" waits until another chain has begun runs/STUDY/METHOD: with
+# "S:imaml_warm" beside "after:S:imaml_warm/S:transfer", warm iMAML meta-trains while transfer's
+# weights (pretrained by the first chain) are scored by the second.
 # The runner writes results/<study>/ as it always does; OUT receives results.tgz (every named
 # study's results), logs.tgz (this script's logs), train_logs.tgz (runs/<study>/*/log.jsonl) and,
 # with PACK_EXTRA="PATH...", extra.tgz.  Tables and figures are rebuilt where they come back, with
@@ -89,6 +92,12 @@ chain() { # chain SEGMENT/SEGMENT...: each STUDY:METHOD,... in turn, stopping at
   {
     echo "start $(date +%s)"
     for segment in "${segments[@]}"; do
+      if [[ $segment == after:* ]]; then # wait for another chain to begin runs/STUDY/METHOD
+        segment=${segment#after:}
+        while [ ! -d "runs/${segment%%:*}/${segment#*:}" ] && [ "$(left)" -gt 1 ]; do sleep 2; done
+        echo "runs/${segment%%:*}/${segment#*:} begun $(date +%s)"
+        continue
+      fi
       IFS=, read -ra methods <<<"${segment#*:}"
       timeout "$(left)" python3 -m imaml_seg experiment "experiments/${segment%%:*}.toml" \
         --only "${methods[@]}" -q || { rc=$?; break; }
@@ -101,7 +110,7 @@ studies=()
 for spec in "$@"; do
   chain "$spec" &
   IFS=/ read -ra segments <<<"$spec"
-  for segment in "${segments[@]}"; do studies+=("${segment%%:*}"); done
+  for segment in "${segments[@]}"; do [[ $segment == after:* ]] || studies+=("${segment%%:*}"); done
 done
 
 if wait $smoke; then

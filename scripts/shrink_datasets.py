@@ -5,7 +5,9 @@ are 165 MB.  Each pair is decoded, checked and resized exactly as the cache does
 (``imaml_seg.data.cache.resize_pair``), then written under the same relative path, so that the
 cache built from the copy at ``R`` px equals the cache built from the originals except for the
 lossy re-encoding of JPEG images (masks and TIFF/PNG/GIF images are lossless; the script prints
-the largest pixel difference per dataset).  ``--lossless`` stores JPEG-named images as PNG data
+the largest pixel difference per dataset).  ``--quality Q`` stores every colour image, TIFFs
+included, as JPEG data at quality ``Q`` under its original name: the only way the four datasets
+fit at 256 px.  ``--lossless`` stores JPEG-named images as PNG data
 under their original names (the readers go by content, not by suffix): larger, but then the cache
 built from the copy equals the one built from the originals.  DRIVE's field-of-view masks are
 copied too (nearest).
@@ -30,12 +32,16 @@ from imaml_seg.data.validate import DataError, check_pair, load_mask_grey
 DATASETS = ("Kvasir-SEG", "CVC-ClinicDB", "ISIC2018", "DRIVE")
 
 
-def write(path: Path, pixels: np.ndarray, lossless: bool = False) -> None:
+def write(
+    path: Path, pixels: np.ndarray, lossless: bool = False, quality: int | None = None
+) -> None:
     """Save ``uint8 (H, W)`` or ``(H, W, 3)`` in the format the file name says (PNG data for a
-    JPEG name when ``lossless``)."""
+    JPEG name when ``lossless``; JPEG data at ``quality`` for any colour image when given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
+    if quality is not None and pixels.ndim == 3:
+        Image.fromarray(pixels).save(path, format="JPEG", quality=quality)
+    elif suffix in (".tif", ".tiff"):
         tifffile.imwrite(path, pixels, compression="zlib", predictor=True)
     elif suffix in (".jpg", ".jpeg") and lossless:
         Image.fromarray(pixels).save(path, format="PNG")
@@ -45,7 +51,14 @@ def write(path: Path, pixels: np.ndarray, lossless: bool = False) -> None:
         Image.fromarray(pixels).save(path)
 
 
-def shrink(name: str, data_root: Path, out: Path, resolution: int, lossless: bool = False) -> float:
+def shrink(
+    name: str,
+    data_root: Path,
+    out: Path,
+    resolution: int,
+    lossless: bool = False,
+    quality: int | None = None,
+) -> float:
     """Write dataset ``name`` at ``resolution``; the largest image pixel change from re-encoding."""
     _, folder, _ = resolve_dataset(name, data_root)
     pairs, _ = read_dataset(name, data_root)
@@ -56,7 +69,7 @@ def shrink(name: str, data_root: Path, out: Path, resolution: int, lossless: boo
             raise DataError(f"{checked.problems[0]}")
         image, mask = resize_pair(checked.image, checked.mask, resolution)
         image_out = out / folder.name / pair.image.relative_to(folder)
-        write(image_out, image.transpose(1, 2, 0), lossless)
+        write(image_out, image.transpose(1, 2, 0), lossless, quality)
         write(out / folder.name / pair.mask.relative_to(folder), mask[0].astype(np.uint8) * 255)
         if pair.fov is not None:
             fov = Image.fromarray(load_mask_grey(pair.fov))
@@ -79,13 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lossless", action="store_true", help="PNG data for JPEG-named images (exact, larger)"
     )
+    parser.add_argument(
+        "--quality",
+        type=int,
+        help="JPEG data at this quality for every colour image, TIFFs too (smallest, lossy;"
+        " for 256 px, whose exact copies exceed the machine's 64 MiB)",
+    )
     args = parser.parse_args(argv)
+    if args.lossless and args.quality is not None:
+        parser.error("--lossless and --quality exclude each other")
     if args.out.resolve() == args.data_root.resolve() or args.out.exists():
         print(f"error: {args.out} exists; choose a new folder", file=sys.stderr)
         return 2
     try:
         for name in args.datasets:
-            worst = shrink(name, args.data_root, args.out, args.resolution, args.lossless)
+            worst = shrink(
+                name, args.data_root, args.out, args.resolution, args.lossless, args.quality
+            )
             print(f"{name}: written; largest image pixel change from re-encoding {worst:.0f}/255")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The unseen skin split at 256 px (experiments/unseen_skin_256.toml) on a lent GPU machine, within
+# a fixed time: one process per method on the one GPU under CUDA MPS (scripts/device_units.sh).
+# Needs, in the repository root, .gpudata256/ (the four datasets at 256 px:
+# `scripts/shrink_datasets.py --resolution 256 --quality 90`; exact copies exceed the 64 MiB the
+# machine receives) and .whl/ (a MONAI wheel).  Usage:
+#
+#     bash scripts/device_256.sh OUT SECONDS
+#
+# Warm iMAML pretrains transfer's weights and meta-trains from them while a second process scores
+# those weights as the transfer unit.  Each method's run folder (checkpoint, config, log) comes
+# back as run_<method>.tgz (one file of them all would pass the 16 MiB a returned file may hold),
+# so that a unit stopped at the deadline can be continued and scored elsewhere (the runner resumes
+# it).
+set -u
+out=${1:?usage: device_256.sh OUT SECONDS}
+seconds=${2:?usage: device_256.sh OUT SECONDS}
+s=unseen_skin_256
+bash scripts/device_units.sh "$out" "$seconds" .gpudata256 256 \
+  "$s:imaml_warm" "after:$s:imaml_warm/$s:transfer" "$s:scratch" "$s:imaml" "$s:maml"
+for run in runs/"$s"/*/; do
+  method=$(basename "$run")
+  tar czf "$out/run_$method.tgz" "$run"
+done
+ls -la "$out"
