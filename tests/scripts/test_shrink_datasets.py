@@ -24,14 +24,16 @@ def _smooth(h: int, w: int, seed: int) -> np.ndarray:
     )
 
 
-def _data_root(root: Path) -> Path:
+def _data_root(root: Path, smooth_tiffs: bool = False) -> Path:
+    """Kvasir-SEG (JPEG) and CVC-ClinicDB (TIFF, noise images unless ``smooth_tiffs``)."""
     for i in range(3):
         save(root / "Kvasir-SEG" / "images" / f"k{i}.jpg", _smooth(40, 48, i), quality=95)
         save(root / "Kvasir-SEG" / "masks" / f"k{i}.jpg", disc(40, 48, 8 + i), quality=95)
         cvc = root / "CVC-ClinicDB"
         (cvc / "Original").mkdir(parents=True, exist_ok=True)
         (cvc / "Ground Truth").mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(cvc / "Original" / f"{i + 1}.tif", rgb(36, 44, i))
+        image = _smooth(36, 44, 10 + i) if smooth_tiffs else rgb(36, 44, i)
+        tifffile.imwrite(cvc / "Original" / f"{i + 1}.tif", image)
         tifffile.imwrite(cvc / "Ground Truth" / f"{i + 1}.tif", disc(36, 44, 5 + i))
     return root
 
@@ -71,6 +73,30 @@ def test_lossless_copy_gives_the_same_cache_with_jpeg_names_kept(tmp_path) -> No
         small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
         assert small.names == full.names
         assert np.array_equal(small.images, full.images) and np.array_equal(small.masks, full.masks)
+
+def test_quality_stores_every_colour_image_as_jpeg_data_and_keeps_masks_exact(tmp_path) -> None:
+    data = _data_root(tmp_path / "data", smooth_tiffs=True)
+    done = _shrink(data, tmp_path / "small", "--quality", "90")
+    assert done.returncode == 0, done.stderr
+    tif = tmp_path / "small" / "CVC-ClinicDB" / "Original" / "1.tif"
+    assert tif.read_bytes()[:2] == b"\xff\xd8"  # JPEG data under the official TIFF name
+    mask = tmp_path / "small" / "CVC-ClinicDB" / "Ground Truth" / "1.tif"
+    assert mask.read_bytes()[:2] in (b"II", b"MM")  # masks stay lossless TIFF
+    for name in ("Kvasir-SEG", "CVC-ClinicDB"):
+        full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
+        small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
+        assert small.names == full.names
+        assert np.array_equal(small.masks, full.masks) and small.masks.any()
+        change = np.abs(small.images - full.images).mean()
+        assert 0 < change < 0.1, (name, change)
+
+
+def test_lossless_and_quality_together_are_refused(tmp_path) -> None:
+    data = _data_root(tmp_path / "data")
+    done = _shrink(data, tmp_path / "small", "--lossless", "--quality", "90")
+    assert done.returncode == 2 and "exclude each other" in done.stderr
+    assert not (tmp_path / "small").exists()
+
 
 def test_an_existing_output_folder_is_refused_and_left_alone(tmp_path) -> None:
     data = _data_root(tmp_path / "data")
