@@ -3,7 +3,9 @@
 # a fixed time: one process per method on the one GPU under CUDA MPS (scripts/device_units.sh).
 # Needs, in the repository root, .gpudata256/ (the four datasets at 256 px:
 # `scripts/shrink_datasets.py --resolution 256 --quality 90`; exact copies exceed the 64 MiB the
-# machine receives) and .whl/ (a MONAI wheel).  Usage:
+# machine receives) and .whl/ (a MONAI wheel).  The copy (45 MB) and the checkout's results/
+# (about 50 MB of finished units) together exceed what the machine receives: move results/ out of
+# the checkout for the call and back afterwards (nothing on the machine needs it).  Usage:
 #
 #     bash scripts/device_256.sh OUT SECONDS
 #
