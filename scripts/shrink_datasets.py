@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lossless and args.quality is not None:
         parser.error("--lossless and --quality exclude each other")
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        parser.error(f"--quality {args.quality}: a JPEG quality is 1 to 100")
     if args.out.resolve() == args.data_root.resolve() or args.out.exists():
         print(f"error: {args.out} exists; choose a new folder", file=sys.stderr)
         return 2

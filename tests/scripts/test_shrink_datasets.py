@@ -91,10 +91,13 @@ def test_quality_stores_every_colour_image_as_jpeg_data_and_keeps_masks_exact(tm
         assert 0 < change < 0.1, (name, change)
 
 
-def test_lossless_and_quality_together_are_refused(tmp_path) -> None:
+def test_lossless_with_quality_and_a_quality_out_of_range_are_refused(tmp_path) -> None:
     data = _data_root(tmp_path / "data")
     done = _shrink(data, tmp_path / "small", "--lossless", "--quality", "90")
     assert done.returncode == 2 and "exclude each other" in done.stderr
+    assert not (tmp_path / "small").exists()
+    done = _shrink(data, tmp_path / "small", "--quality", "500")
+    assert done.returncode == 2 and "--quality 500: a JPEG quality is 1 to 100" in done.stderr
     assert not (tmp_path / "small").exists()
 
 
