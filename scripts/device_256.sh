@@ -7,19 +7,30 @@
 # (about 50 MB of finished units) together exceed what the machine receives: move results/ out of
 # the checkout for the call and back afterwards (nothing on the machine needs it).  Usage:
 #
-#     bash scripts/device_256.sh OUT SECONDS
+#     bash scripts/device_256.sh OUT SECONDS [STUDY]
 #
+# STUDY (default unseen_skin_256) is any 256 px study; each of its methods runs as one process.
 # Warm iMAML pretrains transfer's weights and meta-trains from them while a second process scores
 # those weights as the transfer unit.  Each method's run folder (checkpoint, config, log) comes
 # back as run_<method>.tgz (one file of them all would pass the 16 MiB a returned file may hold),
 # so that a unit stopped at the deadline can be continued and scored elsewhere (the runner resumes
 # it).
 set -u
-out=${1:?usage: device_256.sh OUT SECONDS}
-seconds=${2:?usage: device_256.sh OUT SECONDS}
-s=unseen_skin_256
-bash scripts/device_units.sh "$out" "$seconds" .gpudata256 256 \
-  "$s:imaml_warm" "after:$s:imaml_warm/$s:transfer" "$s:scratch" "$s:imaml" "$s:maml"
+out=${1:?usage: device_256.sh OUT SECONDS [STUDY]}
+seconds=${2:?usage: device_256.sh OUT SECONDS [STUDY]}
+s=${3:-unseen_skin_256}
+[ -f "experiments/$s.toml" ] || { echo "device_256.sh: experiments/$s.toml: no such study" >&2; exit 2; }
+read -ra methods < <(python3 -c "import tomllib, sys
+print(*tomllib.load(open(sys.argv[1], 'rb'))['methods'])" "experiments/$s.toml") || exit 2
+chains=()
+for m in "${methods[@]}"; do
+  case $m in
+  transfer) [[ " ${methods[*]} " == *" imaml_warm "* ]] &&
+    chains+=("after:$s:imaml_warm/$s:transfer") || chains+=("$s:transfer") ;;
+  *) chains+=("$s:$m") ;;
+  esac
+done
+bash scripts/device_units.sh "$out" "$seconds" .gpudata256 256 "${chains[@]}"
 for run in runs/"$s"/*/; do
   method=$(basename "$run")
   tar czf "$out/run_$method.tgz" "$run"
