@@ -46,19 +46,24 @@ def _shrink(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+def _image_change(data: Path, tmp_path: Path, name: str) -> float:
+    """Mean absolute image change of ``name``'s cache built from the copy in ``tmp_path/small``
+    against the one built from ``data``, after checking names and masks are the same."""
+    full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
+    small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
+    assert small.names == full.names
+    assert np.array_equal(small.masks, full.masks) and small.masks.any()
+    return float(np.abs(small.images - full.images).mean())
+
+
 def test_the_copy_gives_the_same_masks_and_nearly_the_same_images(tmp_path) -> None:
     data = _data_root(tmp_path / "data")
     done = _shrink(data, tmp_path / "small")
     assert done.returncode == 0, done.stderr
     assert "CVC-ClinicDB: written; largest image pixel change from re-encoding 0/255" in done.stdout
     for name, exact in (("CVC-ClinicDB", True), ("Kvasir-SEG", False)):
-        full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
-        small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
-        assert small.names == full.names
-        assert np.array_equal(small.masks, full.masks) and small.masks.any()
-        change = np.abs(small.images - full.images).mean()
+        change = _image_change(data, tmp_path, name)
         assert change == 0 if exact else 0 < change < 0.1, (name, change)
-
 
 
 def test_lossless_copy_gives_the_same_cache_with_jpeg_names_kept(tmp_path) -> None:
@@ -69,10 +74,8 @@ def test_lossless_copy_gives_the_same_cache_with_jpeg_names_kept(tmp_path) -> No
     copy = tmp_path / "small" / "Kvasir-SEG" / "images" / "k0.jpg"
     assert copy.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # PNG data under the official name
     for name in ("Kvasir-SEG", "CVC-ClinicDB"):
-        full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
-        small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
-        assert small.names == full.names
-        assert np.array_equal(small.images, full.images) and np.array_equal(small.masks, full.masks)
+        assert _image_change(data, tmp_path, name) == 0, name
+
 
 def test_quality_stores_every_colour_image_as_jpeg_data_and_keeps_masks_exact(tmp_path) -> None:
     data = _data_root(tmp_path / "data", smooth_tiffs=True)
@@ -83,11 +86,7 @@ def test_quality_stores_every_colour_image_as_jpeg_data_and_keeps_masks_exact(tm
     mask = tmp_path / "small" / "CVC-ClinicDB" / "Ground Truth" / "1.tif"
     assert mask.read_bytes()[:2] in (b"II", b"MM")  # masks stay lossless TIFF
     for name in ("Kvasir-SEG", "CVC-ClinicDB"):
-        full = load_arrays(name, 16, data_root=data, cache_dir=tmp_path / "cache-full")
-        small = load_arrays(name, 16, data_root=tmp_path / "small", cache_dir=tmp_path / "cache")
-        assert small.names == full.names
-        assert np.array_equal(small.masks, full.masks) and small.masks.any()
-        change = np.abs(small.images - full.images).mean()
+        change = _image_change(data, tmp_path, name)
         assert 0 < change < 0.1, (name, change)
 
 
