@@ -11,7 +11,7 @@ import pytest
 from imaml_seg import experiment
 from imaml_seg.config import ConfigError
 from imaml_seg.data.validate import DataError
-from imaml_seg.experiment import describe_settings, markdown_table, run_experiment
+from imaml_seg.experiment import Study, describe_settings, markdown_table, run_experiment
 from imaml_seg.meta.trainer import Paths
 
 TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
@@ -296,3 +296,19 @@ def test_a_unit_scored_on_other_draws_than_the_study_now_says_is_refused(tmp_pat
         with pytest.raises(ConfigError, match=r"scratch.json: scored with seed = 0, but study "
                            r"mini now says seed = 3; move the file away"):
             run_experiment(spec, Paths(Path(".")), quiet=True, report_only=report_only)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    sorted((Path(__file__).parents[1] / "experiments").glob("*.toml")),
+    ids=lambda p: p.stem,
+)
+def test_committed_study_files_load(spec: Path) -> None:
+    """Every study in ``experiments/`` parses, names itself after its file (the runner's
+    results and runs folders are named after it) and, where it extends another study, points
+    at one that exists."""
+    study = Study.from_file(spec)
+    assert study.name == spec.stem
+    assert set(study.methods) <= set(experiment.METHODS)
+    if study.extend_from is not None:
+        assert (spec.parent / f"{study.extend_from}.toml").is_file()
