@@ -217,6 +217,31 @@ def test_tuned_study_refuses_other_training_settings_and_unknown_candidates(tmp_
         run_experiment(spec, Paths(Path(".")), quiet=True)
 
 
+def test_a_tune_menu_file_gives_the_stages_it_lists(tmp_path) -> None:
+    mini_study(tmp_path, ["scratch"], 2, [2], 2)
+    stages = "[[{}, {inner_steps = 6}], [{}, {tta = true}]]"
+    inline = Study.from_file(tuned_study(tmp_path, ["scratch"], stages=stages))
+    menus = tmp_path / "experiments" / "menus"
+    menus.mkdir()
+    (menus / "small.toml").write_text(f"stages = {stages}\n")
+    spec = tmp_path / "experiments" / "mini_tuned.toml"
+    spec.write_text(spec.read_text().replace(f"stages = {stages}", 'menu = "small"'))
+    assert Study.from_file(spec).tune_stages == inline.tune_stages == (
+        ({}, {"inner_steps": 6}), ({}, {"tta": True})
+    )
+    spec.write_text(spec.read_text().replace('"small"', '"large"'))
+    with pytest.raises(ConfigError, match=r"menu 'large': .*large.toml not found \(menus: small\)"):
+        Study.from_file(spec)
+    both = f'menu = "small"\nstages = {stages}'
+    spec.write_text(spec.read_text().replace('menu = "large"', both))
+    with pytest.raises(ConfigError, match="both stages and menu"):
+        Study.from_file(spec)
+    (menus / "small.toml").write_text("stages = [{inner_steps = 6}]\n")
+    spec.write_text(spec.read_text().replace(f"stages = {stages}\n", ""))
+    with pytest.raises(ConfigError, match=r"small.toml: needs stages = \[\["):
+        Study.from_file(spec)
+
+
 def test_extend_from_continues_the_shorter_studys_runs(tmp_path) -> None:
     spec = mini_study(tmp_path, ["scratch", "imaml"], 2, [1], 2)
     run_experiment(spec, Paths(Path(".")), quiet=True)

@@ -24,6 +24,9 @@ the next stage tries its own on top of it::
     stages = [[{}, {inner_steps = 100}, {optimizer = "adam", inner_lr = 0.001}],
               [{}, {augment_support = true}], [{}, {tta = true}]]
 
+Studies that choose from the same menu name it instead (``menu = "test_time"`` reads the
+``stages`` of ``experiments/menus/test_time.toml``).
+
 It runs as small units, each skipped when its output exists, so an interrupted study picks up
 where it stopped: one training run per method (``runs/<name>/<method>/``, checkpoints, not
 committed), one choice of test-time settings per method when the study tunes them
@@ -123,11 +126,16 @@ class Study:
             raise ConfigError(f"{path}: unknown methods {unknown} (known: {', '.join(METHODS)})")
         config = merge(base, overrides)
         tune = spec.get("tune", {})
-        unknown = sorted(set(tune) - {"stages", "tasks", "per_shot"})
+        unknown = sorted(set(tune) - {"stages", "menu", "tasks", "per_shot"})
         if unknown:
-            raise ConfigError(f"{path}: unknown [tune] keys {unknown} (known: stages, tasks, "
-                              "per_shot)")
-        stages = tuple(tuple(dict(c) for c in stage) for stage in tune.get("stages", ()))
+            raise ConfigError(f"{path}: unknown [tune] keys {unknown} (known: stages, menu, "
+                              "tasks, per_shot)")
+        listed = tune.get("stages", ())
+        if "menu" in tune:
+            if "stages" in tune:
+                raise ConfigError(f"{path}: [tune] gives both stages and menu; keep one")
+            listed = tune_menu(path, tune["menu"])
+        stages = tuple(tuple(dict(c) for c in stage) for stage in listed)
         for stage in stages:
             for candidate in stage:
                 try:
@@ -189,6 +197,28 @@ class Study:
                 f"{self.name} and {other.name} score different draws or test images: "
                 f"{self.draw_settings()} vs {other.draw_settings()}"
             )
+
+
+def tune_menu(study: Path, name: Any) -> list[list[dict[str, Any]]]:
+    """The ``stages`` of ``menus/<name>.toml`` beside ``study``: one menu of candidate test-time
+    settings that several studies choose from (``[tune] menu = "<name>"``)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{study}: [tune] menu must name a file of {study.parent / 'menus'}")
+    menu = study.parent / "menus" / f"{name}.toml"
+    if not menu.is_file():
+        known = ", ".join(sorted(p.stem for p in menu.parent.glob("*.toml"))) or "none"
+        raise ConfigError(f"{study}: [tune] menu '{name}': {menu} not found (menus: {known})")
+    try:
+        spec = tomllib.loads(menu.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{menu}: not valid TOML ({err})") from None
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not all(
+        isinstance(stage, list) and all(isinstance(c, dict) for c in stage) for stage in stages
+    ):
+        raise ConfigError(f"{menu}: needs stages = [[{{...}}, ...], ...] (lists of [eval] "
+                          "overrides)")
+    return stages
 
 
 def machine() -> dict[str, Any]:
