@@ -111,10 +111,7 @@ class Study:
     def from_file(cls, path: Path) -> Study:
         if not path.is_file():
             raise ConfigError(f"{path}: study file not found")
-        try:
-            spec = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        spec = _read_toml(path)
         base = load(spec.get("preset", "cpu"))
         overrides = dict(spec.get("overrides", {}))
         for key in ("sources", "target", "seed", "train_seed"):
@@ -130,11 +127,17 @@ class Study:
         if unknown:
             raise ConfigError(f"{path}: unknown [tune] keys {unknown} (known: stages, menu, "
                               "tasks, per_shot)")
-        listed = tune.get("stages", ())
+        listed, origin = tune.get("stages", []), path
         if "menu" in tune:
             if "stages" in tune:
                 raise ConfigError(f"{path}: [tune] gives both stages and menu; keep one")
-            listed = tune_menu(path, tune["menu"])
+            origin = menu_path(path, tune["menu"])
+            listed = _read_toml(origin).get("stages")
+        if not isinstance(listed, list) or not all(
+            isinstance(stage, list) and all(isinstance(c, dict) for c in stage) for stage in listed
+        ):
+            raise ConfigError(f"{origin}: needs stages = [[{{...}}, ...], ...] (lists of [eval] "
+                              "overrides)")
         stages = tuple(tuple(dict(c) for c in stage) for stage in listed)
         for stage in stages:
             for candidate in stage:
@@ -199,26 +202,23 @@ class Study:
             )
 
 
-def tune_menu(study: Path, name: Any) -> list[list[dict[str, Any]]]:
-    """The ``stages`` of ``menus/<name>.toml`` beside ``study``: one menu of candidate test-time
-    settings that several studies choose from (``[tune] menu = "<name>"``)."""
+def menu_path(study: Path, name: Any) -> Path:
+    """``menus/<name>.toml`` beside ``study``: one menu of candidate test-time settings (its
+    ``stages``) that several studies choose from (``[tune] menu = "<name>"``)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{study}: [tune] menu must name a file of {study.parent / 'menus'}")
     menu = study.parent / "menus" / f"{name}.toml"
     if not menu.is_file():
         known = ", ".join(sorted(p.stem for p in menu.parent.glob("*.toml"))) or "none"
         raise ConfigError(f"{study}: [tune] menu '{name}': {menu} not found (menus: {known})")
+    return menu
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        spec = tomllib.loads(menu.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{menu}: not valid TOML ({err})") from None
-    stages = spec.get("stages")
-    if not isinstance(stages, list) or not all(
-        isinstance(stage, list) and all(isinstance(c, dict) for c in stage) for stage in stages
-    ):
-        raise ConfigError(f"{menu}: needs stages = [[{{...}}, ...], ...] (lists of [eval] "
-                          "overrides)")
-    return stages
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
 
 
 def machine() -> dict[str, Any]:
