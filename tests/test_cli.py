@@ -268,3 +268,21 @@ def test_predict_refuses_adaptation_settings_without_a_support_set(tiny_model, t
                             "--augment-support", "-q"])
     assert "--inner-steps --augment-support: only with --support" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_support_cv_flag_chooses_and_records_the_adaptation_steps(tiny_model, tmp_path,
+                                                                  capsys) -> None:
+    from imaml_seg.checkpoint import load_checkpoint
+
+    support = generic_tree(tmp_path / "support", n=3, h=40, w=52)
+    adapted = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                 str(adapted), "--inner-steps", "4", "--support-cv"]) == 0
+    assert "steps by support CV" in capsys.readouterr().out
+    ckpt = load_checkpoint(adapted)
+    assert ckpt.config.eval.support_cv and ckpt.state["inner_steps"] in (0, 1, 2, 4)
+    assert main(["evaluate", str(tiny_model), "--json", "--support-cv", "--inner-steps", "2",
+                 "--shots", "1", "2", "-q"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    assert {r["shots"]: r["inner_steps"] for r in records if r["shots"] == 1} == {1: 2}
+    assert all(r["inner_steps"] in (0, 1, 2) for r in records)

@@ -11,9 +11,13 @@ from imaml_seg.evaluation import (
     TestTimeAugmented,
     averaged_over_dihedral,
     bootstrap_ci,
+    candidates_up_to,
     predict_logits,
+    support_cv_steps,
 )
-from imaml_seg.model import build_model, get_params
+from imaml_seg.meta.inner import adapt
+from imaml_seg.metrics import dice
+from imaml_seg.model import build_model, forward, get_params
 
 
 def test_tta_of_a_pixelwise_predictor_is_the_predictor() -> None:
@@ -82,3 +86,89 @@ def test_bootstrap_ci_brackets_the_mean() -> None:
     lo, hi = bootstrap_ci([0.1, 0.2, 0.3, 0.4, 0.5])
     assert lo < 0.3 < hi
     assert bootstrap_ci([0.4]) == (pytest.approx(0.4), pytest.approx(0.4))
+
+
+def _sign_net(w: float, b: float) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A pixelwise predictor ``logit = w * channel0 + b`` (a 1x1 convolution), float64."""
+    net = torch.nn.Conv2d(3, 1, 1).double()
+    theta = {
+        "weight": torch.tensor([w, 0.0, 0.0], dtype=torch.float64).reshape(1, 3, 1, 1),
+        "bias": torch.tensor([b], dtype=torch.float64),
+    }
+    return net, theta
+
+
+def _signed_pairs(*positive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with random channel 0; pair i's mask is ``channel0 > 0`` if positive[i], else
+    ``channel0 < 0``."""
+    x = torch.randn(len(positive), 3, 8, 8, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    y = torch.stack([(x[i, :1] > 0) if p else (x[i, :1] < 0) for i, p in enumerate(positive)])
+    return x, y.double()
+
+
+def test_candidates_up_to_halve_the_steps_down_from_the_most() -> None:
+    assert candidates_up_to(30) == (0, 3, 7, 15, 30)
+    assert candidates_up_to(100) == (0, 12, 25, 50, 100)
+    assert candidates_up_to(1) == (0, 1)
+    assert candidates_up_to(0) == (0,)
+
+
+def test_support_cv_skips_fine_tuning_that_hurts_held_out_pairs() -> None:
+    # theta segments "channel 0 > 0", right for pair 0 and wrong for pair 1.  Fold 0 adapts on
+    # pair 1 (whose mask is "channel 0 < 0"): w turns negative and held-out pair 0 drops from
+    # Dice 1 to 0.  Fold 1 adapts on pair 0 and pair 1 stays near 0 (a bias that turned
+    # positive claims a few pixels just below 0).  Means: 0 steps (1 + 0) / 2 = 0.5 exactly,
+    # 30 steps near 0.
+    net, theta = _sign_net(1.0, 0.0)
+    x, y = _signed_pairs(True, False)
+    inner = InnerConfig(inner_lr=1.0)
+    best, means = support_cv_steps(net, theta, x, y, inner, (0, 30))
+    assert best == 0
+    assert means[0] == 0.5 and means[30] < 0.1
+
+
+def test_support_cv_takes_the_steps_that_help_and_the_fewest_among_ties() -> None:
+    # theta predicts background everywhere (Dice 0 on every pair); every pair is "channel 0 > 0",
+    # which the 1x1 predictor learns from the others.
+    net, theta = _sign_net(0.0, -5.0)
+    x, y = _signed_pairs(True, True, True)
+    inner = InnerConfig(inner_lr=1.0)
+    best, means = support_cv_steps(net, theta, x, y, inner, (0, 30, 60))
+    assert means[0] == 0.0 and means[30] > 0.95
+    if means[60] == means[30]:
+        assert best == 30
+    else:
+        assert best == max((30, 60), key=means.get)
+    # Each candidate's mean is that of adapt() run directly on the other pairs of each fold.
+    for c in (0, 30, 60):
+        direct = []
+        for held in range(3):
+            rest = [i for i in range(3) if i != held]
+            phi = adapt(net, theta, x[rest], y[rest], inner, steps=c).params
+            direct.append(float(dice((forward(net, phi, x[held:held + 1]) > 0).double(),
+                                     y[held:held + 1])[0]))
+        assert means[c] == pytest.approx(sum(direct) / 3, abs=1e-12)
+
+
+def test_support_cv_needs_two_pairs() -> None:
+    net, theta = _sign_net(1.0, 0.0)
+    x, y = _signed_pairs(True)
+    with pytest.raises(ValueError, match="at least 2"):
+        support_cv_steps(net, theta, x, y, InnerConfig(), (0, 5))
+
+
+def test_adapted_model_with_support_cv_records_the_steps_it_chose() -> None:
+    net, theta = _sign_net(1.0, 0.0)
+    config = RunConfig(eval=EvalConfig(inner_steps=30, inner_lr=1.0, support_cv=True))
+    wrapper = AdaptedModel.from_config("m", net, theta, config, torch.device("cpu"))
+    assert wrapper.support_cv and wrapper.choice == {}
+    x, y = _signed_pairs(True, False)
+    phi = wrapper.adapt(x, y)
+    assert wrapper.choice == {"inner_steps": 0}
+    assert all(torch.equal(phi[k], theta[k]) for k in theta)
+    # One shot cannot be split: it adapts the most steps.
+    one = wrapper.adapt(x[:1], y[:1])
+    assert wrapper.choice == {"inner_steps": 30}
+    direct = adapt(net, theta, x[:1], y[:1], wrapper.inner, steps=30).params
+    assert all(torch.equal(one[k], direct[k]) for k in theta)

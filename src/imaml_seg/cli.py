@@ -143,6 +143,12 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
         help="flip/rotate the labelled images while adapting (k shots act as up to 8k)",
     )
     p.add_argument("--tta", action="store_true", help="average predictions over 8 flips/rotations")
+    p.add_argument(
+        "--support-cv",
+        action="store_true",
+        help="choose the number of adaptation steps (0 up to --inner-steps) by cross-validation "
+        "on the labelled images themselves",
+    )
 
 
 def _test_time_overrides(args: argparse.Namespace) -> dict:
@@ -152,7 +158,7 @@ def _test_time_overrides(args: argparse.Namespace) -> dict:
         for key in ("inner_steps", "optimizer", "inner_lr")
         if getattr(args, key, None) is not None
     }
-    for flag in ("augment_support", "tta"):
+    for flag in ("augment_support", "tta", "support_cv"):
         if getattr(args, flag, False):
             overrides[flag] = True
     return overrides
@@ -229,14 +235,14 @@ def adapt_on_folder(ckpt: Checkpoint, folder: str, args: argparse.Namespace) -> 
     )
     t0 = time.perf_counter()
     ckpt = with_test_time(ckpt, args)
-    phi = method_for(ckpt, "adapted").adapt(
-        torch.from_numpy(support.images), torch.from_numpy(support.masks)
-    )
+    method = method_for(ckpt, "adapted")
+    phi = method.adapt(torch.from_numpy(support.images), torch.from_numpy(support.masks))
     state = {
         "adapted_from": str(args.model),
         "support": str(Path(folder).resolve()),
         "shots": len(support.names),
         "seconds": round(time.perf_counter() - t0, 2),
+        **method.choice,
     }
     return Checkpoint(ckpt.config, {k: v.cpu() for k, v in phi.items()}, 0, {}, state)
 
@@ -249,7 +255,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     save_checkpoint(out, adapted)
     if not args.quiet:
         state = adapted.state
-        print(f"adapted on {state['shots']} images in {state['seconds']:.1f} s -> {out}")
+        chosen = f" ({state['inner_steps']} steps by support CV)" if "inner_steps" in state else ""
+        print(f"adapted on {state['shots']} images in {state['seconds']:.1f} s{chosen} -> {out}")
     return 0
 
 

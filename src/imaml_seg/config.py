@@ -117,6 +117,11 @@ class EvalConfig:
     tta: bool = False
     """Test-time augmentation: average the foreground probability over the 8 flips/rotations
     of each test image (mapped back), instead of predicting it once."""
+    support_cv: bool = False
+    """Choose the number of adaptation steps (0 up to ``inner_steps``) for each support set by
+    cross-validation on its own pairs (``evaluation.support_cv_steps``), so that fine-tuning
+    which lowers Dice on held-out shots is cut short or skipped.  One shot cannot be split: it
+    adapts ``inner_steps``.  Costs up to 5 extra adaptations per support set."""
     proximal: bool = False
     """Keep iMAML's proximal term ``lam/2 ||phi - theta||^2`` when adapting at test time.  Off by
     default: on the demo's unseen synthetic domain it lowered iMAML's 5-shot Dice from 0.83 to

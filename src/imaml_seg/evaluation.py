@@ -9,8 +9,8 @@ the mean over its test images; statistics are taken over draws.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from imaml_seg.config import DataConfig, EvalConfig, InnerConfig, RunConfig, eva
 from imaml_seg.data.cache import SegArrays
 from imaml_seg.data.tasks import DIHEDRAL, dihedral, draw_support, test_pool, undo_dihedral
 from imaml_seg.meta.inner import adapt
-from imaml_seg.metrics import all_metrics
+from imaml_seg.metrics import all_metrics, dice
 from imaml_seg.model import Params, forward
 
 
@@ -51,6 +51,12 @@ class AdaptedModel:
     """Flip/rotate the support pairs while adapting (``EvalConfig.augment_support``)."""
     tta: bool = False
     """Average predictions over the 8 flips/rotations of each image (``EvalConfig.tta``)."""
+    support_cv: bool = False
+    """Choose the number of steps per support set by :func:`support_cv_steps` (``steps`` is then
+    the most it may take)."""
+    choice: dict[str, Any] = field(default_factory=dict, init=False)
+    """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``); recorded
+    with each draw's scores."""
 
     @classmethod
     def from_config(
@@ -75,23 +81,105 @@ class AdaptedModel:
             device=device,
             augment=ev.augment_support,
             tta=ev.tta,
+            support_cv=ev.support_cv,
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
+        support_x, support_y = support_x.to(self.device), support_y.to(self.device)
+        steps = self.steps
+        if self.support_cv:
+            if len(support_x) >= 2:
+                steps, _ = support_cv_steps(
+                    self.model,
+                    self.theta,
+                    support_x,
+                    support_y,
+                    self.inner,
+                    candidates_up_to(self.steps),
+                    proximal=self.proximal,
+                    augment=self.augment,
+                )
+            self.choice = {"inner_steps": steps}
         return adapt(
             self.model,
             self.theta,
-            support_x.to(self.device),
-            support_y.to(self.device),
+            support_x,
+            support_y,
             self.inner,
             proximal=self.proximal,
-            steps=self.steps,
+            steps=steps,
             augment=self.augment,
         ).params
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         params = self.adapt(support_x, support_y)
         return predict_logits(self.model, params, query_x, self.device, tta=self.tta)
+
+
+CV_FOLDS = 5
+"""At most this many folds in :func:`support_cv_steps` (k shots: min(k, 5) folds)."""
+
+
+def candidates_up_to(steps: int) -> tuple[int, ...]:
+    """The step counts support cross-validation chooses from: 0 (the learned initialisation as
+    it is) and ``steps`` halved up to three times, e.g. ``30 -> (0, 3, 7, 15, 30)``."""
+    return tuple(sorted({0} | {steps // 2**j for j in range(4)}))
+
+
+def support_cv_steps(
+    model: nn.Module,
+    theta: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    inner: InnerConfig,
+    candidates: tuple[int, ...],
+    *,
+    folds: int = CV_FOLDS,
+    proximal: bool = False,
+    augment: bool = False,
+) -> tuple[int, dict[int, float]]:
+    """How many adaptation steps to take on this support set, chosen on the support set alone.
+
+    The k pairs ``(k, 3, H, W)``, ``(k, 1, H, W)`` are split into ``min(k, folds)`` folds (pair
+    ``i`` in fold ``i % folds``); for each fold, ``adapt()`` runs on the other pairs for
+    ``max(candidates)`` steps and the fold's pairs are scored (Dice of the thresholded
+    prediction) after each candidate number of steps.  Returns the candidate with the best mean
+    held-out Dice (the fewest steps among ties: fine-tuning must earn its steps) and the mean
+    Dice of every candidate.  Fine-tuning that lowers held-out Dice, as on a target close to the
+    sources, is then skipped; the final adaptation sees all k pairs.  Needs k >= 2.
+    """
+    k = len(support_x)
+    if k < 2:
+        raise ValueError(f"support cross-validation needs at least 2 support pairs, got {k}")
+    n_folds = min(k, folds)
+    wanted = set(candidates)
+    scores: dict[int, list[Tensor]] = {c: [] for c in candidates}
+    for f in range(n_folds):
+        held = torch.arange(k, device=support_x.device) % n_folds == f
+        seen: dict[int, Params] = {}
+
+        def keep(t: int, phi: Params, seen: dict[int, Params] = seen) -> None:
+            if t in wanted:
+                seen[t] = phi
+
+        result = adapt(
+            model,
+            theta,
+            support_x[~held],
+            support_y[~held],
+            inner,
+            proximal=proximal,
+            steps=max(candidates),
+            augment=augment,
+            observe=keep,
+        )
+        with torch.no_grad():
+            for c in candidates:  # steps a non-finite loop never reached: its last finite weights
+                logits = forward(model, seen.get(c, result.params), support_x[held])
+                scores[c].append(dice((logits > 0).float(), support_y[held]).cpu())
+    means = {c: float(torch.cat(v).mean()) for c, v in scores.items()}
+    best = max(sorted(means), key=lambda c: means[c])
+    return best, means
 
 
 @dataclass
@@ -179,6 +267,7 @@ def evaluate(
                 "draw": d,
                 **{m: float(v.mean()) for m, v in scores.items()},
                 "dice_per_image": [round(float(v), 5) for v in scores["dice"]],
+                **getattr(method, "choice", {}),
             }
             records.append(record)
             if on_draw:

@@ -784,6 +784,7 @@ def describe_settings(chosen: dict[str, Any]) -> str:
         "inner_lr": lambda v: f"lr {v:g}",
         "augment_support": lambda v: "support aug" if v else "",
         "tta": lambda v: "TTA" if v else "",
+        "support_cv": lambda v: "steps by support CV" if v else "",
         "proximal": lambda v: "proximal" if v else "",
     }
     parts = [words[k](v) if k in words else f"{k}={v}" for k, v in chosen.items()]

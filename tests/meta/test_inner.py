@@ -196,3 +196,29 @@ def test_augment_shows_step_t_pair_i_under_transform_t_plus_i(blobs) -> None:
             assert torch.equal(seen[t][i], dihedral(y[i], (t + i) % 8))
     assert torch.equal(seen[3], y)
     assert not torch.equal(seen[1], y)
+
+
+def test_observe_sees_the_weights_after_each_number_of_updates() -> None:
+    net, x, y, theta = _linear_problem()
+    config = InnerConfig(inner_steps=3, inner_lr=0.01)
+    seen = {}
+    adapt(net, theta, x, y, config, loss_fn=sum_squares, observe=lambda t, p: seen.update({t: p}))
+    assert sorted(seen) == [0, 1, 2, 3]
+    for t, params in seen.items():
+        direct = adapt(net, theta, x, y, config, steps=t, loss_fn=sum_squares).params
+        assert torch.equal(params["weight"], direct["weight"])
+
+
+def test_observe_stops_at_the_last_finite_weights() -> None:
+    net, x, y, theta = _linear_problem()
+    calls = []
+
+    def flaky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = sum_squares(output, target)
+        return loss if len(calls) <= 3 else loss * math.inf
+
+    seen = []
+    adapt(net, theta, x, y, InnerConfig(inner_steps=10, inner_lr=0.01), loss_fn=flaky,
+          observe=lambda t, p: seen.append(t))
+    assert seen == [0, 1, 2]  # the loss at the weights after 3 updates was infinite

@@ -106,6 +106,7 @@ def adapt(
     steps: int | None = None,
     loss_fn: SegLoss = dice_bce_loss,
     augment: bool = False,
+    observe: Callable[[int, Params], None] | None = None,
 ) -> AdaptResult:
     """Fine-tune ``theta`` on the support set: ``steps`` (default ``config.inner_steps``) updates.
 
@@ -116,7 +117,9 @@ def adapt(
     result is differentiable w.r.t. ``theta`` (whose tensors must then require grad).  With
     ``augment``, step ``t`` sees support pair ``i`` under dihedral transform ``(t + i) % 8``
     (a flip and/or quarter turn of image and mask alike), so k shots act as up to 8k; the
-    recorded ``losses`` are then those of the transformed pairs each step saw.
+    recorded ``losses`` are then those of the transformed pairs each step saw.  ``observe(t,
+    phi)`` sees the weights after ``t`` updates, for every ``t`` from 0 to the last one made
+    (a loop stopped early by a non-finite loss is not observed past its last finite weights).
     """
     n_steps = config.inner_steps if steps is None else steps
     anchor = {k: t.detach() for k, t in theta.items()}
@@ -164,6 +167,8 @@ def adapt(
             if previous is None:
                 return AdaptResult(phi, losses, math.nan, "nonfinite")
             return AdaptResult(previous, losses, losses[-2], "nonfinite")
+        if observe is not None:
+            observe(t, phi)
         if not all_finite(grads):
             return AdaptResult(phi, losses, losses[-1], "nonfinite")
         previous, phi = phi, step(phi, grads)
@@ -174,6 +179,8 @@ def adapt(
         final = float(task_loss(phi))
     if not math.isfinite(final) and previous is not None:
         return AdaptResult(previous, losses, losses[-1], "nonfinite")
+    if observe is not None:
+        observe(n_steps, phi)
     return AdaptResult(phi, losses, final, "ok" if math.isfinite(final) else "nonfinite")
 
 
