@@ -337,3 +337,20 @@ def test_committed_study_files_load(spec: Path) -> None:
     assert set(study.methods) <= set(experiment.METHODS)
     if study.extend_from is not None:
         assert (spec.parent / f"{study.extend_from}.toml").is_file()
+
+
+def test_support_cv_study_records_and_reports_the_steps_it_chose(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["scratch"], 2, [1, 2], 3)
+    spec.write_text(spec.read_text().replace(
+        "draws = 3 }", "draws = 3, support_cv = true }"
+    ))
+    out = run_experiment(spec, Paths(Path(".")), quiet=True)
+    steps = {(r["shots"], r["draw"]): r["inner_steps"] for r in out["records"]}
+    assert [steps[(1, d)] for d in range(3)] == [3, 3, 3]  # one shot: the most steps
+    assert all(steps[(2, d)] in (0, 1, 3) for d in range(3))
+    assert sum(out["steps_chosen"]["scratch@2"].values()) == 3
+    assert out["steps_chosen"]["scratch@1"] == {"3": 3}
+    table = markdown_table(out)
+    chosen = ", ".join(f"{n} ({c})" for n, c in sorted(out["steps_chosen"]["scratch@2"].items(),
+                                                      key=lambda nc: int(nc[0])))
+    assert f"2-shot: scratch {chosen};" in table and "1-shot:" not in table

@@ -635,6 +635,11 @@ def report(
                     p = paired_wilcoxon(records, ref, other, k)
                     if p is not None:
                         tests[f"{ref}_vs_{other}@{k}"] = p
+    steps_chosen: dict[str, dict[str, int]] = {}
+    for r in records:
+        if "inner_steps" in r:
+            counts = steps_chosen.setdefault(f"{r['method']}@{r['shots']}", {})
+            counts[str(r["inner_steps"])] = counts.get(str(r["inner_steps"]), 0) + 1
     out = {
         "study": study.name,
         "target": target_name or study.config.target,
@@ -647,6 +652,7 @@ def report(
         "summary_iou": iou,
         "wilcoxon_p": tests,
         "tuned": tuned,
+        "steps_chosen": steps_chosen,
         "machines": machines,
         "records": records,
     }
@@ -791,6 +797,24 @@ def describe_settings(chosen: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p) or "preset"
 
 
+def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]]) -> str:
+    """One sentence on the adaptation steps support cross-validation chose (``[eval]
+    support_cv``): per shot count that could be split (k >= 2) and method, ``steps (draws)``."""
+    by_shots: dict[int, list[str]] = {}
+    for key, counts in steps_chosen.items():
+        method, k = key.rsplit("@", 1)
+        if int(k) >= 2:
+            parts = ", ".join(f"{n} ({counts[n]})" for n in sorted(counts, key=int))
+            by_shots.setdefault(int(k), []).append(f"{method} {parts}")
+    if not by_shots:
+        return ""
+    shots = "; ".join(f"{k}-shot: {'; '.join(v)}" for k, v in sorted(by_shots.items()))
+    return (
+        "Adaptation steps chosen per support set by cross-validation on its shots, steps "
+        f"(draws): {shots}; 1 shot cannot be split and takes the most steps."
+    )
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The study's Dice table (mean and 95 % CI per shot count), from ``results/<name>.json``."""
     summary, tests = result["summary_dice"], result["wilcoxon_p"]
@@ -847,6 +871,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             "sources (their test pools), never on the target; `preset` is the inner loop of "
             "meta-training."
         )
+    if result.get("steps_chosen"):
+        note += " " + describe_steps_chosen(result["steps_chosen"])
     if missing:
         note += f" Not run yet: {', '.join(missing)}."
     return head + "\n".join(rows) + "\n" + note + "\n"
