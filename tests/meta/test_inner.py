@@ -121,17 +121,22 @@ def test_nan_in_data_stops_and_returns_finite_weights(tiny_net, blobs) -> None:
     assert all(torch.equal(result.params[k], theta[k]) for k in theta)
 
 
-def test_loss_turning_nonfinite_returns_last_finite_weights() -> None:
-    net, x, y, theta = _linear_problem()
-    calls = []
+def infinite_after(calls: int):
+    """``sum_squares`` for its first ``calls`` calls, infinite from then on."""
+    count = [0]
 
     def flaky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
+        count[0] += 1
         loss = sum_squares(output, target)
-        return loss if len(calls) <= 3 else loss * math.inf
+        return loss if count[0] <= calls else loss * math.inf
 
+    return flaky
+
+
+def test_loss_turning_nonfinite_returns_last_finite_weights() -> None:
+    net, x, y, theta = _linear_problem()
     config = InnerConfig(inner_steps=10, inner_lr=0.01)
-    result = adapt(net, theta, x, y, config, loss_fn=flaky)
+    result = adapt(net, theta, x, y, config, loss_fn=infinite_after(3))
     assert result.status == "nonfinite"
     assert len(result.losses) == 4 and not math.isfinite(result.losses[-1])
     # Weights after two updates: the ones whose loss (the third call) was still finite.
@@ -211,14 +216,7 @@ def test_observe_sees_the_weights_after_each_number_of_updates() -> None:
 
 def test_observe_stops_at_the_last_finite_weights() -> None:
     net, x, y, theta = _linear_problem()
-    calls = []
-
-    def flaky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        loss = sum_squares(output, target)
-        return loss if len(calls) <= 3 else loss * math.inf
-
     seen = []
-    adapt(net, theta, x, y, InnerConfig(inner_steps=10, inner_lr=0.01), loss_fn=flaky,
+    adapt(net, theta, x, y, InnerConfig(inner_steps=10, inner_lr=0.01), loss_fn=infinite_after(3),
           observe=lambda t, p: seen.append(t))
     assert seen == [0, 1, 2]  # the loss at the weights after 3 updates was infinite
