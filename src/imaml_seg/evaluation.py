@@ -27,7 +27,9 @@ from imaml_seg.model import Params, forward
 
 
 class FewShotMethod(Protocol):
-    """Anything that segments query images given a labelled support set."""
+    """Anything that segments query images given a labelled support set.  One that makes a
+    choice per support set may say what it chose in a ``choice`` dict (recorded with each draw's
+    scores, e.g. :class:`AdaptedModel`'s steps under support cross-validation)."""
 
     name: str
 
