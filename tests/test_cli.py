@@ -281,6 +281,12 @@ def test_support_cv_flag_chooses_and_records_the_adaptation_steps(tiny_model, tm
     assert "steps by support CV" in capsys.readouterr().out
     ckpt = load_checkpoint(adapted)
     assert ckpt.config.eval.support_cv and ckpt.state["inner_steps"] in (0, 1, 2, 4)
+    assert ckpt.config.eval.support_cv_rule == "best"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                 str(adapted), "--inner-steps", "4", "--support-cv", "one_se",
+                 "--overwrite"]) == 0
+    assert "steps by support CV, one-SE rule)" in capsys.readouterr().out
+    assert load_checkpoint(adapted).config.eval.support_cv_rule == "one_se"
     assert main(["evaluate", str(tiny_model), "--json", "--support-cv", "--inner-steps", "2",
                  "--shots", "1", "2", "-q"]) == 0
     records = json.loads(capsys.readouterr().out)["records"]

@@ -21,6 +21,7 @@ TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
         ({"inner": {"inner_lr": 0.5, "lam": 4.0}}, "proximal SGD diverges"),
         ({"meta": {"algorithm": "mamll"}}, "meta.algorithm must be one of"),
         ({"data": {"resolution": 40}}, "multiple of 16"),
+        ({"eval": {"support_cv_rule": "1se"}}, "eval.support_cv_rule must be one of"),
     ],
 )
 def test_values_that_cannot_work_are_refused_with_the_key(overrides, message) -> None:

@@ -12,6 +12,7 @@ from imaml_seg.evaluation import (
     averaged_over_dihedral,
     bootstrap_ci,
     candidates_up_to,
+    choose_steps,
     predict_logits,
     support_cv_steps,
 )
@@ -151,6 +152,39 @@ def test_support_cv_takes_the_steps_that_help_and_the_fewest_among_ties() -> Non
         assert means[c] == pytest.approx(sum(direct) / 3, abs=1e-12)
 
 
+def test_choose_steps_best_or_fewest_within_one_standard_error() -> None:
+    # Held-out Dice of three pairs per candidate: means 0.7, 0.7667 and 0.8.  The best mean is
+    # 30 steps; its scores have std 0.1 (Bessel), so one standard error is 0.1 / sqrt(3) =
+    # 0.0577 and the bar is 0.8 - 0.0577 = 0.7423: 15 steps clears it, 0 steps does not.
+    held_out = {
+        0: torch.tensor([0.5, 0.9, 0.7]),
+        15: torch.tensor([0.8, 0.8, 0.7]),
+        30: torch.tensor([0.9, 0.7, 0.8]),
+    }
+    assert choose_steps(held_out) == 30
+    assert choose_steps(held_out, "one_se") == 15
+    # 0 steps at 0.75 clears the bar too: the fewest steps win.
+    assert choose_steps({**held_out, 0: torch.tensor([0.6, 0.9, 0.75])}, "one_se") == 0
+    # Equal scores everywhere: the standard error is 0 and both rules take the fewest steps.
+    flat = {c: torch.tensor([0.5, 0.5]) for c in (0, 7, 30)}
+    assert choose_steps(flat) == choose_steps(flat, "one_se") == 0
+    with pytest.raises(ValueError, match="unknown support CV rule"):
+        choose_steps(held_out, "median")
+
+
+def test_support_cv_steps_applies_the_rule() -> None:
+    # The sign net of the test above: fine-tuning for 30 steps scores near 0 on held-out pairs,
+    # 0 steps 0.5 -- both rules keep theta.  With theta predicting background everywhere and
+    # every pair learnable, both take the steps (held-out Dice near 1, one SE far above 0).
+    net, theta = _sign_net(1.0, 0.0)
+    x, y = _signed_pairs(True, False)
+    inner = InnerConfig(inner_lr=1.0)
+    assert support_cv_steps(net, theta, x, y, inner, (0, 30), rule="one_se")[0] == 0
+    net, theta = _sign_net(0.0, -5.0)
+    x, y = _signed_pairs(True, True, True)
+    assert support_cv_steps(net, theta, x, y, inner, (0, 30), rule="one_se")[0] == 30
+
+
 def test_support_cv_needs_two_pairs() -> None:
     net, theta = _sign_net(1.0, 0.0)
     x, y = _signed_pairs(True)
@@ -163,6 +197,10 @@ def test_adapted_model_with_support_cv_records_the_steps_it_chose() -> None:
     config = RunConfig(eval=EvalConfig(inner_steps=30, inner_lr=1.0, support_cv=True))
     wrapper = AdaptedModel.from_config("m", net, theta, config, torch.device("cpu"))
     assert wrapper.support_cv and wrapper.choice == {}
+    assert wrapper.support_cv_rule == "best"
+    one_se = RunConfig(eval=EvalConfig(support_cv=True, support_cv_rule="one_se"))
+    assert AdaptedModel.from_config("m", net, theta, one_se, torch.device("cpu")).support_cv_rule \
+        == "one_se"
     x, y = _signed_pairs(True, False)
     phi = wrapper.adapt(x, y)
     assert wrapper.choice == {"inner_steps": 0}

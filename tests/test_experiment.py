@@ -200,6 +200,12 @@ def test_settings_are_described_in_a_few_words() -> None:
     chosen = {"inner_steps": 100, "inner_lr": 0.3, "augment_support": True, "tta": False}
     assert describe_settings(chosen) == "100 steps, lr 0.3, support aug"
     assert describe_settings({"optimizer": "adam", "tta": True}) == "Adam, TTA"
+    assert describe_settings({"support_cv": True, "support_cv_rule": "one_se"}) == (
+        "steps by support CV, one-SE rule"
+    )
+    assert describe_settings({"support_cv": True, "support_cv_rule": "best"}) == (
+        "steps by support CV"
+    )
     per_shot = {"per_shot": {"10": {"tta": True}, "1": {}}}
     assert describe_settings(per_shot) == "1-shot: preset; 10-shot: TTA"
 

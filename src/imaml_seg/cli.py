@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imaml_seg import __version__
 from imaml_seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from imaml_seg.config import ConfigError, RunConfig, load, merge
+from imaml_seg.config import SUPPORT_CV_RULES, ConfigError, RunConfig, load, merge
 from imaml_seg.data.validate import DataError
 
 SHIPPED = "shipped"
@@ -145,9 +145,13 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average predictions over 8 flips/rotations")
     p.add_argument(
         "--support-cv",
-        action="store_true",
+        nargs="?",
+        const="best",
+        choices=SUPPORT_CV_RULES,
+        metavar="RULE",
         help="choose the number of adaptation steps (0 up to --inner-steps) by cross-validation "
-        "on the labelled images themselves",
+        "on the labelled images themselves; RULE 'best' (default: the best held-out Dice) or "
+        "'one_se' (the fewest steps within one standard error of the best)",
     )
 
 
@@ -158,9 +162,12 @@ def _test_time_overrides(args: argparse.Namespace) -> dict:
         for key in ("inner_steps", "optimizer", "inner_lr")
         if getattr(args, key, None) is not None
     }
-    for flag in ("augment_support", "tta", "support_cv"):
+    for flag in ("augment_support", "tta"):
         if getattr(args, flag, False):
             overrides[flag] = True
+    if getattr(args, "support_cv", None):
+        overrides["support_cv"] = True
+        overrides["support_cv_rule"] = args.support_cv
     return overrides
 
 
@@ -255,7 +262,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     save_checkpoint(out, adapted)
     if not args.quiet:
         state = adapted.state
-        chosen = f" ({state['inner_steps']} steps by support CV)" if "inner_steps" in state else ""
+        rule = ", one-SE rule" if adapted.config.eval.support_cv_rule == "one_se" else ""
+        chosen = ""
+        if "inner_steps" in state:
+            chosen = f" ({state['inner_steps']} steps by support CV{rule})"
         print(f"adapted on {state['shots']} images in {state['seconds']:.1f} s{chosen} -> {out}")
     return 0
 
@@ -263,7 +273,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imaml_seg.predict import check_outputs, predict_folder
 
-    adapting = [f"--{k.replace('_', '-')}" for k in _test_time_overrides(args) if k != "tta"]
+    adapting = [
+        f"--{k.replace('_', '-')}"
+        for k in _test_time_overrides(args)
+        if k not in ("tta", "support_cv_rule")
+    ]
     if adapting and not args.support:
         raise UsageError(f"{' '.join(adapting)}: only with --support (they set how it adapts)")
     ckpt = resolve_model(args.model)

@@ -56,6 +56,8 @@ class AdaptedModel:
     support_cv: bool = False
     """Choose the number of steps per support set by :func:`support_cv_steps` (``steps`` is then
     the most it may take)."""
+    support_cv_rule: str = "best"
+    """How :func:`choose_steps` picks among the step counts ('best' or 'one_se')."""
     choice: dict[str, Any] = field(default_factory=dict, init=False)
     """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``); recorded
     with each draw's scores."""
@@ -84,6 +86,7 @@ class AdaptedModel:
             augment=ev.augment_support,
             tta=ev.tta,
             support_cv=ev.support_cv,
+            support_cv_rule=ev.support_cv_rule,
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
@@ -100,6 +103,7 @@ class AdaptedModel:
                     candidates_up_to(self.steps),
                     proximal=self.proximal,
                     augment=self.augment,
+                    rule=self.support_cv_rule,
                 )
             self.choice = {"inner_steps": steps}
         return adapt(
@@ -128,6 +132,25 @@ def candidates_up_to(steps: int) -> tuple[int, ...]:
     return tuple(sorted({0} | {steps // 2**j for j in range(4)}))
 
 
+def choose_steps(held_out: dict[int, Tensor], rule: str = "best") -> int:
+    """The step count to adapt for, from each candidate's held-out Dice ``(k,)`` (one score per
+    held-out support pair, the same pairs for every candidate).
+
+    ``rule='best'``: the best mean (the fewest steps among ties: fine-tuning must earn its
+    steps).  ``rule='one_se'``: the fewest steps whose mean is within one standard error of the
+    best mean, the standard error being that of the best candidate's k scores
+    (``std / sqrt(k)``, Bessel-corrected), Breiman's one-standard-error rule."""
+    means = {c: float(s.mean()) for c, s in held_out.items()}
+    best = max(sorted(means), key=lambda c: means[c])
+    if rule == "best":
+        return best
+    if rule != "one_se":
+        raise ValueError(f"unknown support CV rule {rule!r}; expected 'best' or 'one_se'")
+    scores = held_out[best]
+    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else 0.0
+    return min(c for c in means if means[c] >= means[best] - se)
+
+
 def support_cv_steps(
     model: nn.Module,
     theta: Params,
@@ -139,16 +162,17 @@ def support_cv_steps(
     folds: int = CV_FOLDS,
     proximal: bool = False,
     augment: bool = False,
+    rule: str = "best",
 ) -> tuple[int, dict[int, float]]:
     """How many adaptation steps to take on this support set, chosen on the support set alone.
 
     The k pairs ``(k, 3, H, W)``, ``(k, 1, H, W)`` are split into ``min(k, folds)`` folds (pair
     ``i`` in fold ``i % folds``); for each fold, ``adapt()`` runs on the other pairs for
     ``max(candidates)`` steps and the fold's pairs are scored (Dice of the thresholded
-    prediction) after each candidate number of steps.  Returns the candidate with the best mean
-    held-out Dice (the fewest steps among ties: fine-tuning must earn its steps) and the mean
-    Dice of every candidate.  Fine-tuning that lowers held-out Dice, as on a target close to the
-    sources, is then skipped; the final adaptation sees all k pairs.  Needs k >= 2.
+    prediction) after each candidate number of steps.  Returns the candidate :func:`choose_steps`
+    picks by ``rule`` (by default the best mean held-out Dice, the fewest steps among ties) and
+    the mean Dice of every candidate.  Fine-tuning that lowers held-out Dice, as on a target
+    close to the sources, is then skipped; the final adaptation sees all k pairs.  Needs k >= 2.
     """
     k = len(support_x)
     if k < 2:
@@ -179,9 +203,9 @@ def support_cv_steps(
             for c in candidates:  # steps a non-finite loop never reached: its last finite weights
                 logits = forward(model, seen.get(c, result.params), support_x[held])
                 scores[c].append(dice((logits > 0).float(), support_y[held]).cpu())
-    means = {c: float(torch.cat(v).mean()) for c, v in scores.items()}
-    best = max(sorted(means), key=lambda c: means[c])
-    return best, means
+    held_out = {c: torch.cat(v) for c, v in scores.items()}
+    means = {c: float(v.mean()) for c, v in held_out.items()}
+    return choose_steps(held_out, rule), means
 
 
 @dataclass

@@ -791,6 +791,7 @@ def describe_settings(chosen: dict[str, Any]) -> str:
         "augment_support": lambda v: "support aug" if v else "",
         "tta": lambda v: "TTA" if v else "",
         "support_cv": lambda v: "steps by support CV" if v else "",
+        "support_cv_rule": lambda v: "one-SE rule" if v == "one_se" else "",
         "proximal": lambda v: "proximal" if v else "",
     }
     parts = [words[k](v) if k in words else f"{k}={v}" for k, v in chosen.items()]
