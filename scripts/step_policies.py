@@ -1,0 +1,111 @@
+"""Test-time step policies side by side, on the same trained weights.
+
+For each base study ``B`` this reads the finished units of its companion studies (same weights,
+other ``[eval]``): the preset's fixed steps (``B_retrained`` where that study exists, since its
+units were retrained for the companions, else ``B``), no fine-tuning (``B_zeroshot``), steps
+chosen by support cross-validation's best mean (``B_supportcv``) and by its one-standard-error
+rule (``B_onese``), and prints one markdown row per method and shot count: each policy's mean
+Dice over the draws (``-`` where the companion or its unit is missing) and the one-SE rule
+against the best-mean rule (points, paired Wilcoxon p)::
+
+    python scripts/step_policies.py unseen_polyp unique_polyp_4x --shots 5 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_units import compare  # noqa: E402
+
+from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.experiment import Study  # noqa: E402
+
+POLICIES = (("fixed", ""), ("0 steps", "_zeroshot"), ("support CV", "_supportcv"),
+            ("one-SE", "_onese"))
+
+
+def fixed_study(root: Path, base: str) -> str:
+    """The study whose units score the companions' weights with the preset's steps."""
+    retrained = f"{base}_retrained"
+    return retrained if (root / "experiments" / f"{retrained}.toml").is_file() else base
+
+
+def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, object]]:
+    """One row per method and shot count: ``{"study", "method", "shots", <policy>: mean Dice
+    or None, "one_se_points", "one_se_p"}``."""
+    studies = {
+        name: fixed_study(root, base) if suffix == "" else f"{base}{suffix}"
+        for name, suffix in POLICIES
+    }
+    found = {p: s for p, s in studies.items() if (root / "experiments" / f"{s}.toml").is_file()}
+    if set(found) <= {"fixed"}:
+        raise ConfigError(f"{base}: no companion study (_zeroshot, _supportcv, _onese) found")
+    reference = Study.from_file(root / "experiments" / f"{found['fixed']}.toml")
+    methods: list[str] = []
+    for s in found.values():
+        study = Study.from_file(root / "experiments" / f"{s}.toml")
+        study.check_same_draws(reference)
+        methods += [m for m in study.methods if m not in methods and s != found["fixed"]]
+    rows = []
+    for method in methods:
+        records = {}
+        for policy, s in found.items():
+            path = root / "results" / s / f"{method}.json"
+            if path.is_file():
+                records[policy] = json.loads(path.read_text())["records"]
+        for k in shots:
+            row: dict[str, object] = {"study": base, "method": method, "shots": k}
+            for policy, _ in POLICIES:
+                dice = [r["dice"] for r in records.get(policy, []) if r["shots"] == k]
+                row[policy] = float(np.mean(dice)) if dice else None
+            row["one_se_points"] = row["one_se_p"] = None
+            if "one-SE" in records and "support CV" in records:
+                (c,) = compare(root, f"{found['one-SE']}:{method}",
+                               f"{found['support CV']}:{method}", [k])
+                row["one_se_points"], row["one_se_p"] = c["points"], c["p"]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    """The rows as a markdown table, each row's best policy in bold."""
+    names = [name for name, _ in POLICIES]
+    lines = ["| study | method | shots | " + " | ".join(names) + " | one-SE - support CV |",
+             "|---" * (len(names) + 4) + "|"]
+    for r in rows:
+        scores = {n: r[n] for n in names if r[n] is not None}
+        best = max(scores.values()) if scores else None
+        cells = ["-" if r[n] is None else
+                 (f"**{r[n]:.3f}**" if r[n] == best else f"{r[n]:.3f}") for n in names]
+        diff = "-"
+        if r["one_se_points"] is not None:
+            p = "-" if r["one_se_p"] is None else f"{r['one_se_p']:.2g}"
+            diff = f"{r['one_se_points']:+.1f} (p = {p})"
+        lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | " + " | ".join(cells)
+                     + f" | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("studies", nargs="+", help="base study names (experiments/<name>.toml)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    try:
+        rows = [row for base in args.studies for row in policy_rows(args.root, base, args.shots)]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
