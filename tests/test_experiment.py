@@ -360,3 +360,7 @@ def test_support_cv_study_records_and_reports_the_steps_it_chose(tmp_path) -> No
     chosen = ", ".join(f"{n} ({c})" for n, c in sorted(out["steps_chosen"]["scratch@2"].items(),
                                                       key=lambda nc: int(nc[0])))
     assert f"2-shot: scratch {chosen};" in table and "1-shot:" not in table
+    assert "its shots, steps" in table and out["support_cv_rule"] == "best"
+    assert "its shots (one-standard-error rule), steps" in markdown_table(
+        {**out, "support_cv_rule": "one_se"}
+    )

@@ -653,6 +653,7 @@ def report(
         "wilcoxon_p": tests,
         "tuned": tuned,
         "steps_chosen": steps_chosen,
+        "support_cv_rule": study.config.eval.support_cv_rule,
         "machines": machines,
         "records": records,
     }
@@ -798,9 +799,10 @@ def describe_settings(chosen: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p) or "preset"
 
 
-def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]]) -> str:
+def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]], rule: str = "best") -> str:
     """One sentence on the adaptation steps support cross-validation chose (``[eval]
-    support_cv``): per shot count that could be split (k >= 2) and method, ``steps (draws)``."""
+    support_cv``, by ``rule``): per shot count that could be split (k >= 2) and method,
+    ``steps (draws)``."""
     by_shots: dict[int, list[str]] = {}
     for key, counts in steps_chosen.items():
         method, k = key.rsplit("@", 1)
@@ -810,8 +812,9 @@ def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]]) -> str:
     if not by_shots:
         return ""
     shots = "; ".join(f"{k}-shot: {'; '.join(v)}" for k, v in sorted(by_shots.items()))
+    how = " (one-standard-error rule)" if rule == "one_se" else ""
     return (
-        "Adaptation steps chosen per support set by cross-validation on its shots, steps "
+        f"Adaptation steps chosen per support set by cross-validation on its shots{how}, steps "
         f"(draws): {shots}; 1 shot cannot be split and takes the most steps."
     )
 
@@ -873,7 +876,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             "meta-training."
         )
     if result.get("steps_chosen"):
-        note += " " + describe_steps_chosen(result["steps_chosen"])
+        rule = result.get("support_cv_rule", "best")
+        note += " " + describe_steps_chosen(result["steps_chosen"], rule)
     if missing:
         note += f" Not run yet: {', '.join(missing)}."
     return head + "\n".join(rows) + "\n" + note + "\n"
