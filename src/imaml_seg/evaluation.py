@@ -18,7 +18,14 @@ from scipy import stats
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from imaml_seg.config import DataConfig, EvalConfig, InnerConfig, RunConfig, eval_inner
+from imaml_seg.config import (
+    SUPPORT_CV_RULES,
+    DataConfig,
+    EvalConfig,
+    InnerConfig,
+    RunConfig,
+    eval_inner,
+)
 from imaml_seg.data.cache import SegArrays
 from imaml_seg.data.tasks import DIHEDRAL, dihedral, draw_support, test_pool, undo_dihedral
 from imaml_seg.meta.inner import adapt
@@ -145,7 +152,7 @@ def choose_steps(held_out: dict[int, Tensor], rule: str = "best") -> int:
     if rule == "best":
         return best
     if rule != "one_se":
-        raise ValueError(f"unknown support CV rule {rule!r}; expected 'best' or 'one_se'")
+        raise ValueError(f"unknown support CV rule {rule!r}; expected one of {SUPPORT_CV_RULES}")
     scores = held_out[best]
     se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else 0.0
     return min(c for c in means if means[c] >= means[best] - se)
