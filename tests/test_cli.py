@@ -287,6 +287,11 @@ def test_support_cv_flag_chooses_and_records_the_adaptation_steps(tiny_model, tm
                  "--overwrite"]) == 0
     assert "steps by support CV, one-SE rule)" in capsys.readouterr().out
     assert load_checkpoint(adapted).config.eval.support_cv_rule == "one_se"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                 str(adapted), "--inner-steps", "4", "--support-cv", "paired_se",
+                 "--overwrite"]) == 0
+    assert "steps by support CV, paired-SE rule)" in capsys.readouterr().out
+    assert load_checkpoint(adapted).config.eval.support_cv_rule == "paired_se"
     assert main(["evaluate", str(tiny_model), "--json", "--support-cv", "--inner-steps", "2",
                  "--shots", "1", "2", "-q"]) == 0
     records = json.loads(capsys.readouterr().out)["records"]

@@ -172,6 +172,23 @@ def test_choose_steps_best_or_fewest_within_one_standard_error() -> None:
         choose_steps(held_out, "median")
 
 
+def test_choose_steps_paired_rule_counts_a_deficit_seen_on_every_pair() -> None:
+    # 30 steps beat 0 steps by exactly 0.1 on each of three pairs that differ widely in Dice.
+    # one_se: the best's scores (0.6, 1.0, 0.8) have std 0.2, SE 0.2 / sqrt(3) = 0.115, so
+    # 0 steps (mean 0.7 >= 0.8 - 0.115) is kept; paired_se: the deficits (0.1, 0.1, 0.1) have
+    # SE 0 and mean 0.1 > 0, so 0 steps is out and 30 steps stay.
+    steady = {0: torch.tensor([0.5, 0.9, 0.7]), 30: torch.tensor([0.6, 1.0, 0.8])}
+    assert choose_steps(steady, "one_se") == 0
+    assert choose_steps(steady, "paired_se") == 30
+    # Deficits (-0.3, 0.5, 0.1): mean 0.1, std 0.4, SE 0.231 >= 0.1, so 0 steps is kept.
+    noisy = {0: torch.tensor([0.9, 0.5, 0.7]), 30: torch.tensor([0.6, 1.0, 0.8])}
+    assert choose_steps(noisy, "paired_se") == 0
+    assert choose_steps(noisy) == 30
+    # One held-out pair: no standard error, so the rule is the best mean's.
+    single = {0: torch.tensor([0.7]), 15: torch.tensor([0.71]), 30: torch.tensor([0.6])}
+    assert choose_steps(single, "paired_se") == choose_steps(single) == 15
+
+
 def test_support_cv_steps_applies_the_rule() -> None:
     # The sign net of the test above: fine-tuning for 30 steps scores near 0 on held-out pairs,
     # 0 steps 0.5 -- both rules keep theta.  With theta predicting background everywhere and

@@ -206,6 +206,9 @@ def test_settings_are_described_in_a_few_words() -> None:
     assert describe_settings({"support_cv": True, "support_cv_rule": "best"}) == (
         "steps by support CV"
     )
+    assert describe_settings({"support_cv": True, "support_cv_rule": "paired_se"}) == (
+        "steps by support CV, paired-SE rule"
+    )
     per_shot = {"per_shot": {"10": {"tta": True}, "1": {}}}
     assert describe_settings(per_shot) == "1-shot: preset; 10-shot: TTA"
 
@@ -363,4 +366,7 @@ def test_support_cv_study_records_and_reports_the_steps_it_chose(tmp_path) -> No
     assert "its shots, steps" in table and out["support_cv_rule"] == "best"
     assert "its shots (one-standard-error rule), steps" in markdown_table(
         {**out, "support_cv_rule": "one_se"}
+    )
+    assert "its shots (paired one-standard-error rule), steps" in markdown_table(
+        {**out, "support_cv_rule": "paired_se"}
     )

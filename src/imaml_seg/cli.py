@@ -17,7 +17,14 @@ from pathlib import Path
 
 from imaml_seg import __version__
 from imaml_seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from imaml_seg.config import SUPPORT_CV_RULES, ConfigError, RunConfig, load, merge
+from imaml_seg.config import (
+    SUPPORT_CV_RULE_WORDS,
+    SUPPORT_CV_RULES,
+    ConfigError,
+    RunConfig,
+    load,
+    merge,
+)
 from imaml_seg.data.validate import DataError
 
 SHIPPED = "shipped"
@@ -151,7 +158,8 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
         metavar="RULE",
         help="choose the number of adaptation steps (0 up to --inner-steps) by cross-validation "
         "on the labelled images themselves; RULE 'best' (default: the best held-out Dice) or "
-        "'one_se' (the fewest steps within one standard error of the best)",
+        "'one_se' (the fewest steps within one standard error of the best) or 'paired_se' (the "
+        "same on the per-image differences to the best)",
     )
 
 
@@ -262,7 +270,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     save_checkpoint(out, adapted)
     if not args.quiet:
         state = adapted.state
-        rule = ", one-SE rule" if adapted.config.eval.support_cv_rule == "one_se" else ""
+        rule = SUPPORT_CV_RULE_WORDS[adapted.config.eval.support_cv_rule][0]
+        rule = f", {rule}" if rule else ""
         chosen = ""
         if "inner_steps" in state:
             chosen = f" ({state['inner_steps']} steps by support CV{rule})"

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile", "transfer", "scratch")
-SUPPORT_CV_RULES = ("best", "one_se")
+SUPPORT_CV_RULES = ("best", "one_se", "paired_se")
+SUPPORT_CV_RULE_WORDS = {
+    "best": ("", ""),
+    "one_se": ("one-SE rule", "one-standard-error rule"),
+    "paired_se": ("paired-SE rule", "paired one-standard-error rule"),
+}
+"""Each support-CV rule's short and long name in messages and reports (empty: the default)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,9 @@ class EvalConfig:
     """How support cross-validation picks among the step counts (``evaluation.choose_steps``):
     'best' (the best mean held-out Dice) or 'one_se' (the fewest steps whose mean is within one
     standard error of the best, Breiman's one-standard-error rule: with 2-10 held-out shots the
-    best mean is a noisy estimate, and fine-tuning must then clearly earn its steps)."""
+    best mean is a noisy estimate, and fine-tuning must then clearly earn its steps) or
+    'paired_se' (the same on the per-pair differences to the best: a gain seen on every held-out
+    shot counts even when the shots differ widely in Dice)."""
     proximal: bool = False
     """Keep iMAML's proximal term ``lam/2 ||phi - theta||^2`` when adapting at test time.  Off by
     default: on the demo's unseen synthetic domain it lowered iMAML's 5-shot Dice from 0.83 to

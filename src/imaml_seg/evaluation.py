@@ -146,16 +146,25 @@ def choose_steps(held_out: dict[int, Tensor], rule: str = "best") -> int:
     ``rule='best'``: the best mean (the fewest steps among ties: fine-tuning must earn its
     steps).  ``rule='one_se'``: the fewest steps whose mean is within one standard error of the
     best mean, the standard error being that of the best candidate's k scores
-    (``std / sqrt(k)``, Bessel-corrected), Breiman's one-standard-error rule."""
+    (``std / sqrt(k)``, Bessel-corrected), Breiman's one-standard-error rule.
+    ``rule='paired_se'``: the same on paired differences, the fewest steps whose per-pair deficit
+    to the best, ``d = best - c``, has ``mean(d) <= std(d) / sqrt(k)``; the pairs are shared, so
+    a deficit seen on every held-out pair counts even when the pairs differ widely in Dice."""
+    if rule not in SUPPORT_CV_RULES:
+        raise ValueError(f"unknown support CV rule {rule!r}; expected one of {SUPPORT_CV_RULES}")
     means = {c: float(s.mean()) for c, s in held_out.items()}
     best = max(sorted(means), key=lambda c: means[c])
     if rule == "best":
         return best
-    if rule != "one_se":
-        raise ValueError(f"unknown support CV rule {rule!r}; expected one of {SUPPORT_CV_RULES}")
-    scores = held_out[best]
-    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else 0.0
-    return min(c for c in means if means[c] >= means[best] - se)
+    k = len(held_out[best])
+
+    def se(x: Tensor) -> float:
+        return float(x.std() / k**0.5) if k > 1 else 0.0
+
+    if rule == "one_se":
+        return min(c for c in means if means[c] >= means[best] - se(held_out[best]))
+    deficits = {c: held_out[best] - s for c, s in held_out.items()}
+    return min(c for c, d in deficits.items() if float(d.mean()) <= se(d))
 
 
 def support_cv_steps(

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from imaml_seg.baselines import build_baseline
 from imaml_seg.checkpoint import load_checkpoint, save_checkpoint
-from imaml_seg.config import ConfigError, RunConfig, load, merge, to_dict
+from imaml_seg.config import SUPPORT_CV_RULE_WORDS, ConfigError, RunConfig, load, merge, to_dict
 from imaml_seg.data.cache import SegArrays, load_arrays
 from imaml_seg.data.tasks import Task, TaskSampler, draw_support, test_pool
 from imaml_seg.data.validate import DataError
@@ -792,7 +792,7 @@ def describe_settings(chosen: dict[str, Any]) -> str:
         "augment_support": lambda v: "support aug" if v else "",
         "tta": lambda v: "TTA" if v else "",
         "support_cv": lambda v: "steps by support CV" if v else "",
-        "support_cv_rule": lambda v: "one-SE rule" if v == "one_se" else "",
+        "support_cv_rule": lambda v: SUPPORT_CV_RULE_WORDS[v][0],
         "proximal": lambda v: "proximal" if v else "",
     }
     parts = [words[k](v) if k in words else f"{k}={v}" for k, v in chosen.items()]
@@ -812,7 +812,7 @@ def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]], rule: str = "
     if not by_shots:
         return ""
     shots = "; ".join(f"{k}-shot: {'; '.join(v)}" for k, v in sorted(by_shots.items()))
-    how = " (one-standard-error rule)" if rule == "one_se" else ""
+    how = f" ({SUPPORT_CV_RULE_WORDS[rule][1]})" if SUPPORT_CV_RULE_WORDS[rule][1] else ""
     return (
         f"Adaptation steps chosen per support set by cross-validation on its shots{how}, steps "
         f"(draws): {shots}; 1 shot cannot be split and takes the most steps."
