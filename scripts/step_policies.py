@@ -3,10 +3,11 @@
 For each base study ``B`` this reads the finished units of its companion studies (same weights,
 other ``[eval]``): the preset's fixed steps (``B_retrained`` where that study exists, since its
 units were retrained for the companions, else ``B``), no fine-tuning (``B_zeroshot``), steps
-chosen by support cross-validation's best mean (``B_supportcv``) and by its one-standard-error
-rule (``B_onese``), and prints one markdown row per method and shot count: each policy's mean
-Dice over the draws (``-`` where the companion or its unit is missing) and the one-SE rule
-against the best-mean rule (points, paired Wilcoxon p)::
+chosen by support cross-validation's best mean (``B_supportcv``), by its one-standard-error
+rule (``B_onese``) and by its paired one-standard-error rule (``B_pairedse``), and prints one
+markdown row per method and shot count: each policy's mean Dice over the draws (``-`` where the
+companion or its unit is missing) and each standard-error rule against the best-mean rule
+(points, paired Wilcoxon p)::
 
     python scripts/step_policies.py unseen_polyp unique_polyp_4x --shots 5 10
 """
@@ -27,7 +28,9 @@ from imaml_seg.config import ConfigError  # noqa: E402
 from imaml_seg.experiment import Study  # noqa: E402
 
 POLICIES = (("fixed", ""), ("0 steps", "_zeroshot"), ("support CV", "_supportcv"),
-            ("one-SE", "_onese"))
+            ("one-SE", "_onese"), ("paired-SE", "_pairedse"))
+RULES = ("one-SE", "paired-SE")
+"""The policies compared with the best-mean rule (``support CV``) draw by draw."""
 
 
 def fixed_study(root: Path, base: str) -> str:
@@ -38,14 +41,17 @@ def fixed_study(root: Path, base: str) -> str:
 
 def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, object]]:
     """One row per method and shot count: ``{"study", "method", "shots", <policy>: mean Dice
-    or None, "one_se_points", "one_se_p"}``."""
+    or None, and per rule in :data:`RULES` "<rule> points" and "<rule> p" against support CV
+    (None where either is missing)}``."""
     studies = {
         name: fixed_study(root, base) if suffix == "" else f"{base}{suffix}"
         for name, suffix in POLICIES
     }
     found = {p: s for p, s in studies.items() if (root / "experiments" / f"{s}.toml").is_file()}
     if set(found) <= {"fixed"}:
-        raise ConfigError(f"{base}: no companion study (_zeroshot, _supportcv, _onese) found")
+        raise ConfigError(
+            f"{base}: no companion study (_zeroshot, _supportcv, _onese, _pairedse) found"
+        )
     reference = Study.from_file(root / "experiments" / f"{found['fixed']}.toml")
     methods: list[str] = []
     for s in found.values():
@@ -64,11 +70,12 @@ def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, objec
             for policy, _ in POLICIES:
                 dice = [r["dice"] for r in records.get(policy, []) if r["shots"] == k]
                 row[policy] = float(np.mean(dice)) if dice else None
-            row["one_se_points"] = row["one_se_p"] = None
-            if "one-SE" in records and "support CV" in records:
-                (c,) = compare(root, f"{found['one-SE']}:{method}",
-                               f"{found['support CV']}:{method}", [k])
-                row["one_se_points"], row["one_se_p"] = c["points"], c["p"]
+            for rule in RULES:
+                row[f"{rule} points"] = row[f"{rule} p"] = None
+                if rule in records and "support CV" in records:
+                    (c,) = compare(root, f"{found[rule]}:{method}",
+                                   f"{found['support CV']}:{method}", [k])
+                    row[f"{rule} points"], row[f"{rule} p"] = c["points"], c["p"]
             rows.append(row)
     return rows
 
@@ -76,19 +83,20 @@ def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, objec
 def markdown(rows: list[dict[str, object]]) -> str:
     """The rows as a markdown table, each row's best policy in bold."""
     names = [name for name, _ in POLICIES]
-    lines = ["| study | method | shots | " + " | ".join(names) + " | one-SE - support CV |",
-             "|---" * (len(names) + 4) + "|"]
+    diffs = " | ".join(f"{rule} - support CV" for rule in RULES)
+    lines = ["| study | method | shots | " + " | ".join(names) + f" | {diffs} |",
+             "|---" * (len(names) + 3 + len(RULES)) + "|"]
     for r in rows:
         scores = {n: r[n] for n in names if r[n] is not None}
         best = max(scores.values()) if scores else None
         cells = ["-" if r[n] is None else
                  (f"**{r[n]:.3f}**" if r[n] == best else f"{r[n]:.3f}") for n in names]
-        diff = "-"
-        if r["one_se_points"] is not None:
-            p = "-" if r["one_se_p"] is None else f"{r['one_se_p']:.2g}"
-            diff = f"{r['one_se_points']:+.1f} (p = {p})"
+        for rule in RULES:
+            points, p = r[f"{rule} points"], r[f"{rule} p"]
+            p_text = "-" if p is None else f"{p:.2g}"
+            cells.append("-" if points is None else f"{points:+.1f} (p = {p_text})")
         lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | " + " | ".join(cells)
-                     + f" | {diff} |")
+                     + " |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""scripts/step_policies.py: a study's companions (0 steps, support CV, one-SE) side by side."""
+"""scripts/step_policies.py: a study's companions (0 steps, support CV, one-SE, paired-SE) side
+by side."""
 
 from __future__ import annotations
 
@@ -49,15 +50,18 @@ def test_rows_hold_each_policys_mean_and_the_one_se_difference(tmp_path, capsys)
         assert r["fixed"] == pytest.approx(mean)
         assert r["0 steps"] == pytest.approx(mean - 0.25)
         assert r["one-SE"] == pytest.approx(mean + 0.125)
-        assert r["support CV"] is None and r["one_se_points"] is None
+        assert r["support CV"] is None and r["one-SE points"] is None
+        assert r["paired-SE"] is None and r["paired-SE points"] is None
     _companion(study, "_supportcv", 0.0)
+    _companion(study, "_pairedse", -0.0625)
     (row,) = step_policies.policy_rows(tmp_path, "mini", [2])
-    assert row["one_se_points"] == pytest.approx(12.5)
-    assert row["one_se_p"] == pytest.approx(0.25)  # 3 draws, all one sign: exact two-sided p
+    assert row["one-SE points"] == pytest.approx(12.5)
+    assert row["one-SE p"] == pytest.approx(0.25)  # 3 draws, all one sign: exact two-sided p
+    assert row["paired-SE points"] == pytest.approx(-6.25)
     assert step_policies.main(["mini", "--root", str(tmp_path), "--shots", "2"]) == 0
     table = capsys.readouterr().out
     assert f"| mini | imaml | 2 | {row['fixed']:.3f} |" in table
-    assert f"**{row['one-SE']:.3f}** | +12.5 (p = 0.25) |" in table
+    assert f"**{row['one-SE']:.3f}** | {row['paired-SE']:.3f} | +12.5 (p = 0.25) | -6.2" in table
     # A retrained reference takes the place of the base study for the fixed steps.
     _companion(study, "_retrained", 0.0625)
     (row,) = step_policies.policy_rows(tmp_path, "mini", [2])
