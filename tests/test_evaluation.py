@@ -13,6 +13,7 @@ from imaml_seg.evaluation import (
     bootstrap_ci,
     candidates_up_to,
     choose_steps,
+    paired_wilcoxon,
     predict_logits,
     support_cv_steps,
 )
@@ -227,3 +228,18 @@ def test_adapted_model_with_support_cv_records_the_steps_it_chose() -> None:
     assert wrapper.choice == {"inner_steps": 30}
     direct = adapt(net, theta, x[:1], y[:1], wrapper.inner, steps=30).params
     assert all(torch.equal(one[k], direct[k]) for k in theta)
+
+
+def test_paired_wilcoxon_needs_a_method_that_varies_over_the_draws() -> None:
+    def records(method: str, scores: list[float]) -> list[dict]:
+        return [{"method": method, "shots": 5, "draw": d, "dice": v} for d, v in enumerate(scores)]
+
+    fine_tuned = records("a", [0.61, 0.52, 0.70, 0.58, 0.66, 0.49])
+    zero_shot = records("b", [0.55] * 6)  # no support set used: every draw scores the same
+    # One side varies: a valid test of the draws against a constant (here 6 of 6 would need
+    # all one sign; 4 above, 2 below).
+    p = paired_wilcoxon(fine_tuned + zero_shot, "a", "b", 5)
+    assert p is not None and 0 < p < 1
+    # Neither varies: 6 draws repeat one comparison, so no p-value rather than p = 0.03.
+    assert paired_wilcoxon(zero_shot + records("c", [0.50] * 6), "b", "c", 5) is None
+    assert paired_wilcoxon(fine_tuned, "a", "a", 5) is None  # no difference

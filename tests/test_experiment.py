@@ -370,3 +370,17 @@ def test_support_cv_study_records_and_reports_the_steps_it_chose(tmp_path) -> No
     assert "its shots (paired one-standard-error rule), steps" in markdown_table(
         {**out, "support_cv_rule": "paired_se"}
     )
+
+
+def test_units_that_ignore_the_support_set_get_no_p_value_between_them(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml"], 2, [1, 2], 3)
+    spec.write_text(spec.read_text().replace("draws = 3 }", "draws = 3, inner_steps = 0 }"))
+    out = run_experiment(spec, Paths(Path(".")), quiet=True)
+    for method in ("transfer", "imaml"):
+        dice = {r["dice"] for r in out["records"] if r["method"] == method and r["shots"] == 2}
+        assert len(dice) == 1  # no fine-tuning: the draws repeat one evaluation
+    assert out["wilcoxon_p"].get("imaml_vs_transfer@2") is None
+    table = markdown_table(out)
+    transfer_row = table.split("| transfer |")[1].split("\n")[0]
+    assert transfer_row.endswith("| - |")  # its p-value against imaml
+    assert "transfer, imaml score the same on every 2-shot draw" in table

@@ -353,11 +353,17 @@ def summarise(records: list[dict], metric: str = "dice") -> dict[tuple[str, int]
 def paired_wilcoxon(
     records: list[dict], method: str, other: str, shots: int, metric: str = "dice"
 ) -> float | None:
-    """Two-sided p-value of the paired Wilcoxon signed-rank test over draws (same supports)."""
+    """Two-sided p-value of the paired Wilcoxon signed-rank test over draws (same supports).
+
+    None with fewer than 2 common draws, no difference, or when neither method's score varies
+    over the draws (both used no support set, e.g. ``inner_steps = 0``): their draws repeat one
+    comparison, not independent ones."""
     a = {r["draw"]: r[metric] for r in records if r["method"] == method and r["shots"] == shots}
     b = {r["draw"]: r[metric] for r in records if r["method"] == other and r["shots"] == shots}
     common = sorted(set(a) & set(b))
     diffs = [a[d] - b[d] for d in common]
     if len(common) < 2 or not any(diffs):
+        return None
+    if len({a[d] for d in common}) == 1 and len({b[d] for d in common}) == 1:
         return None
     return float(stats.wilcoxon([a[d] for d in common], [b[d] for d in common]).pvalue)

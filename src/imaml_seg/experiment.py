@@ -875,6 +875,14 @@ def markdown_table(result: dict[str, Any]) -> str:
             "sources (their test pools), never on the target; `preset` is the inner loop of "
             "meta-training."
         )
+    fixed = [m for m in done if (s := summary.get(f"{m}@{mid}")) and s["ci_low"] == s["ci_high"]]
+    if fixed:
+        note += (
+            f" {', '.join(fixed)} score{'s' if len(fixed) == 1 else ''} the same on every "
+            f"{mid}-shot draw (no fine-tuning: the support set is not used): the interval over "
+            "draws has zero width and leaves out the test pool's sampling error, and two such "
+            "rows get no p-value."
+        )
     if result.get("steps_chosen"):
         rule = result.get("support_cv_rule", "best")
         note += " " + describe_steps_chosen(result["steps_chosen"], rule)
