@@ -13,9 +13,9 @@
 # every study's side by side.
 # Warm iMAML pretrains transfer's weights and meta-trains from them while a second process scores
 # those weights as the transfer unit.  Each method's run folder (checkpoint, config, log) comes
-# back as run_<study>_<method>.tgz (one file of them all would pass the 16 MiB a returned file may hold),
-# so that a unit stopped at the deadline can be continued and scored elsewhere (the runner resumes
-# it).
+# back as run_<study>_<method>.tgz (one file of them all would pass the 16 MiB a returned file may
+# hold), so that a unit stopped at the deadline can be continued and scored elsewhere (the runner
+# resumes it).
 set -u
 out=${1:?usage: device_256.sh OUT SECONDS [STUDY...]}
 seconds=${2:?usage: device_256.sh OUT SECONDS [STUDY...]}

@@ -157,7 +157,7 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
         choices=SUPPORT_CV_RULES,
         metavar="RULE",
         help="choose the number of adaptation steps (0 up to --inner-steps) by cross-validation "
-        "on the labelled images themselves; RULE 'best' (default: the best held-out Dice) or "
+        "on the labelled images themselves; RULE 'best' (default: the best held-out Dice), "
         "'one_se' (the fewest steps within one standard error of the best) or 'paired_se' (the "
         "same on the per-image differences to the best)",
     )
