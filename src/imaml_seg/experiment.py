@@ -812,7 +812,8 @@ def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]], rule: str = "
     if not by_shots:
         return ""
     shots = "; ".join(f"{k}-shot: {'; '.join(v)}" for k, v in sorted(by_shots.items()))
-    how = f" ({SUPPORT_CV_RULE_WORDS[rule][1]})" if SUPPORT_CV_RULE_WORDS[rule][1] else ""
+    name = SUPPORT_CV_RULE_WORDS[rule][1]
+    how = f" ({name})" if name else ""
     return (
         f"Adaptation steps chosen per support set by cross-validation on its shots{how}, steps "
         f"(draws): {shots}; 1 shot cannot be split and takes the most steps."
