@@ -64,7 +64,8 @@ class AdaptedModel:
     """Choose the number of steps per support set by :func:`support_cv_steps` (``steps`` is then
     the most it may take)."""
     support_cv_rule: str = "best"
-    """How :func:`choose_steps` picks among the step counts ('best' or 'one_se')."""
+    """How :func:`choose_steps` picks among the step counts (one of ``SUPPORT_CV_RULES``); with
+    one support pair there is nothing to hold out, and ``steps`` is taken."""
     choice: dict[str, Any] = field(default_factory=dict, init=False)
     """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``); recorded
     with each draw's scores."""
