@@ -297,3 +297,16 @@ def test_support_cv_flag_chooses_and_records_the_adaptation_steps(tiny_model, tm
     records = json.loads(capsys.readouterr().out)["records"]
     assert {r["shots"]: r["inner_steps"] for r in records if r["shots"] == 1} == {1: 2}
     assert all(r["inner_steps"] in (0, 1, 2) for r in records)
+
+
+def test_support_cv_on_one_image_says_it_could_not_choose(tiny_model, tmp_path, capsys) -> None:
+    from imaml_seg.checkpoint import load_checkpoint
+
+    support = generic_tree(tmp_path / "support", n=1, h=40, w=52)
+    adapted = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                 str(adapted), "--inner-steps", "4", "--support-cv"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{support} holds one labelled image" in err and "adapted 4 steps" in err
+    assert "--inner-steps 0" in err and "by support CV" not in out
+    assert load_checkpoint(adapted).state["inner_steps"] == 4

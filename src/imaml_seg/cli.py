@@ -252,6 +252,14 @@ def adapt_on_folder(ckpt: Checkpoint, folder: str, args: argparse.Namespace) -> 
     ckpt = with_test_time(ckpt, args)
     method = method_for(ckpt, "adapted")
     phi = method.adapt(torch.from_numpy(support.images), torch.from_numpy(support.masks))
+    if method.support_cv and len(support.names) == 1 and not args.quiet:
+        print(
+            f"imaml-seg {args.command}: note: {folder} holds one labelled image, which support "
+            f"cross-validation cannot split; adapted {method.steps} steps (--inner-steps 0 "
+            "keeps the model as trained, which scored higher on a target close to the training "
+            "sources: README, 'one shot')",
+            file=sys.stderr,
+        )
     state = {
         "adapted_from": str(args.model),
         "support": str(Path(folder).resolve()),
@@ -273,7 +281,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         rule = SUPPORT_CV_RULE_WORDS[adapted.config.eval.support_cv_rule][0]
         rule = f", {rule}" if rule else ""
         chosen = ""
-        if "inner_steps" in state:
+        if "inner_steps" in state and state["shots"] > 1:
             chosen = f" ({state['inner_steps']} steps by support CV{rule})"
         print(f"adapted on {state['shots']} images in {state['seconds']:.1f} s{chosen} -> {out}")
     return 0
