@@ -7,9 +7,11 @@ chosen by support cross-validation's best mean (``B_supportcv``), by its one-sta
 rule (``B_onese``) and by its paired one-standard-error rule (``B_pairedse``), and prints one
 markdown row per method and shot count: each policy's mean Dice over the draws (``-`` where the
 companion or its unit is missing) and each standard-error rule against the best-mean rule
-(points, paired Wilcoxon p)::
+(points, paired Wilcoxon p).  With ``--no-fine-tuning`` it prints instead the fixed steps against
+no fine-tuning (the question a single shot leaves, since it cannot be split for support CV)::
 
     python scripts/step_policies.py unseen_polyp unique_polyp_4x --shots 5 10
+    python scripts/step_policies.py unseen_polyp unseen_skin --shots 1 --no-fine-tuning
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def fixed_study(root: Path, base: str) -> str:
 
 def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, object]]:
     """One row per method and shot count: ``{"study", "method", "shots", <policy>: mean Dice
-    or None, and per rule in :data:`RULES` "<rule> points" and "<rule> p" against support CV
-    (None where either is missing)}``."""
+    or None, per rule in :data:`RULES` "<rule> points" and "<rule> p" against support CV, and
+    "0 steps points", "0 steps p", "0 steps wins" (draws where it scores higher) against the
+    fixed steps (None where either is missing)}``."""
     studies = {
         name: fixed_study(root, base) if suffix == "" else f"{base}{suffix}"
         for name, suffix in POLICIES
@@ -76,6 +79,14 @@ def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, objec
                     (c,) = compare(root, f"{found[rule]}:{method}",
                                    f"{found['support CV']}:{method}", [k])
                     row[f"{rule} points"], row[f"{rule} p"] = c["points"], c["p"]
+            row["0 steps points"] = row["0 steps p"] = row["0 steps wins"] = None
+            if "0 steps" in records and "fixed" in records:
+                (c,) = compare(root, f"{found['0 steps']}:{method}", f"{found['fixed']}:{method}",
+                               [k])
+                row["0 steps points"], row["0 steps p"] = c["points"], c["p"]
+                fixed = {r["draw"]: r["dice"] for r in records["fixed"] if r["shots"] == k}
+                row["0 steps wins"] = sum(r["dice"] > fixed[r["draw"]]
+                                          for r in records["0 steps"] if r["shots"] == k)
             rows.append(row)
     return rows
 
@@ -100,18 +111,36 @@ def markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def no_fine_tuning_markdown(rows: list[dict[str, object]]) -> str:
+    """The fixed steps against no fine-tuning, one markdown row per row that has both."""
+    lines = ["| study | method | shots | fixed | 0 steps | 0 steps - fixed | draws where 0 steps "
+             "scores higher |", "|---" * 7 + "|"]
+    for r in rows:
+        if r["0 steps points"] is None:
+            continue
+        cells = [f"**{r[n]:.3f}**" if r[n] >= r[o] else f"{r[n]:.3f}"
+                 for n, o in (("fixed", "0 steps"), ("0 steps", "fixed"))]
+        p = r["0 steps p"]
+        p_text = "-" if p is None else f"{p:.2g}"
+        lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | {cells[0]} | {cells[1]} "
+                     f"| {r['0 steps points']:+.1f} (p = {p_text}) | {r['0 steps wins']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("studies", nargs="+", help="base study names (experiments/<name>.toml)")
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--no-fine-tuning", action="store_true",
+                        help="print the fixed steps against no fine-tuning instead")
     args = parser.parse_args(argv)
     try:
         rows = [row for base in args.studies for row in policy_rows(args.root, base, args.shots)]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(markdown(rows))
+    print(no_fine_tuning_markdown(rows) if args.no_fine_tuning else markdown(rows))
     return 0
 
 

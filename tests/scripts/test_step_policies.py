@@ -52,6 +52,7 @@ def test_rows_hold_each_policys_mean_and_the_one_se_difference(tmp_path, capsys)
         assert r["one-SE"] == pytest.approx(mean + 0.125)
         assert r["support CV"] is None and r["one-SE points"] is None
         assert r["paired-SE"] is None and r["paired-SE points"] is None
+        assert r["0 steps points"] == pytest.approx(-25.0) and r["0 steps wins"] == 0
     _companion(study, "_supportcv", 0.0)
     _companion(study, "_pairedse", -0.0625)
     (row,) = step_policies.policy_rows(tmp_path, "mini", [2])
@@ -62,6 +63,12 @@ def test_rows_hold_each_policys_mean_and_the_one_se_difference(tmp_path, capsys)
     table = capsys.readouterr().out
     assert f"| mini | imaml | 2 | {row['fixed']:.3f} |" in table
     assert f"**{row['one-SE']:.3f}** | {row['paired-SE']:.3f} | +12.5 (p = 0.25) | -6.2" in table
+    assert step_policies.main(["mini", "--root", str(tmp_path), "--shots", "1",
+                               "--no-fine-tuning"]) == 0
+    one = capsys.readouterr().out
+    fixed, zero = rows[0]["fixed"], rows[0]["0 steps"]
+    assert f"| mini | imaml | 1 | **{fixed:.3f}** | {zero:.3f} | -25.0 (p" in one
+    assert one.rstrip().endswith("| 0 |")
     # A retrained reference takes the place of the base study for the fixed steps.
     _companion(study, "_retrained", 0.0625)
     (row,) = step_policies.policy_rows(tmp_path, "mini", [2])
