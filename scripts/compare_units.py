@@ -28,7 +28,8 @@ from imaml_seg.experiment import Study
 
 
 def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, object]]:
-    """One row per shot count: means over the shared draws, difference, Wilcoxon p."""
+    """One row per shot count: means over the shared draws, difference, Wilcoxon p, and
+    ``a_higher``, the draws where ``a`` scores higher."""
     units = []
     for unit in (a, b):
         study_name, _, method = unit.partition(":")
@@ -59,6 +60,7 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
             "b": mean_b,
             "points": 100 * (mean_a - mean_b),
             "p": paired_wilcoxon(records, "a", "b", k),
+            "a_higher": sum(da[d] > db[d] for d in common),
         })
     return rows
 

@@ -39,6 +39,8 @@ def test_compare_matches_the_studys_own_test_and_refuses_other_draws(tmp_path, c
         assert row["b"] == pytest.approx(saved["summary_dice"][f"scratch@{k}"]["mean"])
         assert row["points"] == pytest.approx(100 * (row["a"] - row["b"]))
         assert row["p"] == saved["wilcoxon_p"].get(f"imaml_vs_scratch@{k}")
+        dice = {(r["method"], r["draw"]): r["dice"] for r in saved["records"] if r["shots"] == k}
+        assert row["a_higher"] == sum(dice[("imaml", d)] > dice[("scratch", d)] for d in range(3))
     args = ["mini_copy:imaml", "mini:scratch", "--root", str(tmp_path), "--shots", "1", "2"]
     assert compare_units.main(args) == 0
     assert "| 2 | 3 |" in capsys.readouterr().out
