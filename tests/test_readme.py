@@ -58,3 +58,17 @@ def test_seed_tables_in_the_readme_match_their_results() -> None:
     for args, block in blocks:
         parsed = seed_spread.parser().parse_args([*args, "--root", str(REPO)])
         assert block == seed_spread.tables(parsed) + "\n", f"README seed tables {args} are stale"
+
+
+def test_budget_tables_in_the_readme_match_their_results() -> None:
+    import importlib.util
+
+    script = REPO / "scripts" / "budget_table.py"
+    spec = importlib.util.spec_from_file_location("budget_table", script)
+    budget_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budget_table)
+    blocks = budget_table.readme_blocks((REPO / "README.md").read_text())
+    assert len(blocks) == 3, "the README should hold the three splits' budget tables"
+    for args, block in blocks:
+        parsed = budget_table.parser().parse_args([*args, "--root", str(REPO)])
+        assert block == budget_table.table(parsed), f"README budget table {args} is stale"
