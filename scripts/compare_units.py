@@ -8,9 +8,13 @@ checked from their study files::
 
     python scripts/compare_units.py unseen_polyp_4x:imaml unseen_polyp_long:scratch --shots 5 10
 
-prints, per shot count, both means over the shared draws, the difference in Dice points and the
-two-sided paired Wilcoxon p-value.  Reads ``experiments/<study>.toml`` and
-``results/<study>/<method>.json`` under ``--root`` (default: the working directory).
+prints, per shot count, both means over the shared draws, the difference in Dice points, the
+two-sided paired Wilcoxon p-value over draws, and one over test images (each image's Dice averaged
+over the shared draws): the draws test how much the comparison depends on the support sets, the
+images how much on the test pool; only the latter exists when neither unit used its support set
+(e.g. both scored without fine-tuning, so every draw repeats one score).  Reads
+``experiments/<study>.toml`` and ``results/<study>/<method>.json`` under ``--root`` (default: the
+working directory).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from imaml_seg.config import ConfigError
 from imaml_seg.evaluation import paired_wilcoxon
@@ -28,8 +33,9 @@ from imaml_seg.experiment import Study
 
 
 def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, object]]:
-    """One row per shot count: means over the shared draws, difference, Wilcoxon p, and
-    ``a_higher``, the draws where ``a`` scores higher."""
+    """One row per shot count: means over the shared draws, difference, Wilcoxon p over draws,
+    ``p_images`` (Wilcoxon over test images of each image's Dice averaged over the shared draws;
+    None without a difference) and ``a_higher``, the draws where ``a`` scores higher."""
     units = []
     for unit in (a, b):
         study_name, _, method = unit.partition(":")
@@ -51,6 +57,10 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
         common = sorted(set(da) & set(db))
         if not common:
             raise ConfigError(f"no {k}-shot draws shared by {a} and {b}")
+        pa, pb = (_per_image(records, label, k, common) for label in "ab")
+        p_images = None
+        if pa.shape == pb.shape and np.any(pa != pb):
+            p_images = float(stats.wilcoxon(pa, pb).pvalue)
         mean_a = float(np.mean([da[d] for d in common]))
         mean_b = float(np.mean([db[d] for d in common]))
         rows.append({
@@ -60,9 +70,18 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
             "b": mean_b,
             "points": 100 * (mean_a - mean_b),
             "p": paired_wilcoxon(records, "a", "b", k),
+            "p_images": p_images,
             "a_higher": sum(da[d] > db[d] for d in common),
         })
     return rows
+
+
+def _per_image(records: list[dict], label: str, k: int, draws: list[int]) -> np.ndarray:
+    """``(images,)``: each test image's Dice for unit ``label`` at ``k`` shots, averaged over
+    ``draws`` (every draw scores the same test images)."""
+    rows = {r["draw"]: r["dice_per_image"] for r in records
+            if r["method"] == label and r["shots"] == k}
+    return np.mean([rows[d] for d in draws], axis=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"| shots | draws | {args.a} | {args.b} | points | Wilcoxon p |")
-    print("|---|---|---|---|---|---|")
+    print(f"| shots | draws | {args.a} | {args.b} | points | Wilcoxon p (draws) "
+          "| Wilcoxon p (images) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        p = "-" if r["p"] is None else f"{r['p']:.2g}"
+        p, pi = ("-" if v is None else f"{v:.2g}" for v in (r["p"], r["p_images"]))
         print(f"| {r['shots']} | {r['draws']} | {r['a']:.3f} | {r['b']:.3f} | "
-              f"{r['points']:+.1f} | {p} |")
+              f"{r['points']:+.1f} | {p} | {pi} |")
     return 0
 
 

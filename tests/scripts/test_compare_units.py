@@ -6,7 +6,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from imaml_seg.config import ConfigError
 from imaml_seg.experiment import Study, run_experiment
@@ -41,6 +43,14 @@ def test_compare_matches_the_studys_own_test_and_refuses_other_draws(tmp_path, c
         assert row["p"] == saved["wilcoxon_p"].get(f"imaml_vs_scratch@{k}")
         dice = {(r["method"], r["draw"]): r["dice"] for r in saved["records"] if r["shots"] == k}
         assert row["a_higher"] == sum(dice[("imaml", d)] > dice[("scratch", d)] for d in range(3))
+        images = {m: np.mean([r["dice_per_image"] for r in saved["records"]
+                              if r["shots"] == k and r["method"] == m], axis=0)
+                  for m in ("imaml", "scratch")}
+        assert row["p_images"] == pytest.approx(
+            stats.wilcoxon(images["imaml"], images["scratch"]).pvalue)
+    # A unit against itself: no difference, so neither test has a p-value.
+    (same,) = compare_units.compare(tmp_path, "mini_copy:imaml", "mini:imaml", [2])
+    assert same["points"] == 0 and same["p"] is None and same["p_images"] is None
     args = ["mini_copy:imaml", "mini:scratch", "--root", str(tmp_path), "--shots", "1", "2"]
     assert compare_units.main(args) == 0
     assert "| 2 | 3 |" in capsys.readouterr().out
