@@ -830,8 +830,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     head += " | ".join(f"Dice {k}-shot [95% CI]" for k in shots)
     refs = tested_against(result["methods"])
     mid = shots[len(shots) // 2]
-    head += f" | IoU {mid}-shot | "
-    head += " | ".join(f"Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
+    head += f" | IoU {mid}-shot"
+    head += "".join(f" | Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
     head += " |\n" + "|---" * (len(shots) + 2 + len(refs) + bool(tuned)) + "|\n"
     rows = []
     for method in done:
