@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from imaml_seg.config import ConfigError
-from imaml_seg.experiment import Study
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_block  # noqa: E402
+
+from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.experiment import Study  # noqa: E402
 
 BUDGETS = (("1x", ""), ("2x", "_long"), ("4x", "_4x"), ("8x", "_8x"), ("16x", "_16x"),
            ("32x", "_32x"))
@@ -35,7 +37,6 @@ POLICIES = (("preset loop", ""), ("tuned on the sources", "_tuned"),
             ("support CV, one-SE", "_onese"))
 METHOD_ORDER = ("scratch", "transfer", "fomaml", "maml", "reptile", "imaml", "imaml_warm",
                 "prototype", "incontext")
-README_BLOCK = re.compile(r"<!-- BUDGETS: (.+?) -->\n(.*?)<!-- /BUDGETS -->", re.S)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,30 +100,7 @@ def table(args: argparse.Namespace) -> str:
 
 def readme_blocks(text: str) -> list[tuple[list[str], str]]:
     """Each ``<!-- BUDGETS: ARGS -->`` block of a README: its arguments and its table."""
-    return [(shlex.split(m.group(1)), m.group(2)) for m in README_BLOCK.finditer(text)]
-
-
-def write_readme(readme: Path, args: list[str], block: str) -> bool:
-    """Put ``block`` into the block of ``readme`` made with ``args``; False if it has none."""
-    text = readme.read_text()
-    for m in README_BLOCK.finditer(text):
-        if shlex.split(m.group(1)) == args:
-            readme.write_text(text[: m.start(2)] + block + text[m.end(2):])
-            return True
-    return False
-
-
-def _block_args(argv: list[str]) -> list[str]:
-    """``argv`` without ``--readme`` and ``--root`` (and their values): a README block's key."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--readme", "--root"):
-            skip = True
-        elif not a.startswith(("--readme=", "--root=")):
-            out.append(a)
-    return out
+    return readme_block.blocks(text, "BUDGETS")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme is None:
         print(block, end="")
         return 0
-    own = _block_args(argv)
-    if not write_readme(args.readme, own, block):
+    own = readme_block.block_args(argv)
+    if not readme_block.write(args.readme, "BUDGETS", own, block):
         print(f"error: {args.readme} has no '<!-- BUDGETS: {shlex.join(own)} -->' block",
               file=sys.stderr)
         return 2

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from imaml_seg.config import ConfigError
-from imaml_seg.evaluation import paired_wilcoxon
-from imaml_seg.experiment import Study
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_block  # noqa: E402
+
+from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.evaluation import paired_wilcoxon  # noqa: E402
+from imaml_seg.experiment import Study  # noqa: E402
 
 Dice = dict[tuple[int, int], float]  # (shots, draw) -> Dice of one unit
 
@@ -161,22 +163,9 @@ def markdown(
     return "\n".join(lines)
 
 
-README_BLOCK = re.compile(r"<!-- SEEDS: (.+?) -->\n(.*?)<!-- /SEEDS -->", re.S)
-
-
 def readme_blocks(text: str) -> list[tuple[list[str], str]]:
     """Each ``<!-- SEEDS: ARGS -->`` block of a README: its arguments and its tables."""
-    return [(shlex.split(m.group(1)), m.group(2)) for m in README_BLOCK.finditer(text)]
-
-
-def write_readme(readme: Path, args: list[str], tables: str) -> bool:
-    """Put ``tables`` into the block of ``readme`` made with ``args``; False if it has none."""
-    text = readme.read_text()
-    for m in README_BLOCK.finditer(text):
-        if shlex.split(m.group(1)) == args:
-            readme.write_text(text[: m.start(2)] + tables + "\n" + text[m.end(2) :])
-            return True
-    return False
+    return readme_block.blocks(text, "SEEDS")
 
 
 def tables(args: argparse.Namespace) -> str:
@@ -214,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(text)
     if args.readme is not None:
-        own = [a for i, a in enumerate(argv) if not a.startswith("--readme")
-               and not (i > 0 and argv[i - 1] == "--readme")]
-        if not write_readme(args.readme, own, text):
+        own = readme_block.block_args(argv)
+        if not readme_block.write(args.readme, "SEEDS", own, text + "\n"):
             print(f"error: {args.readme} has no <!-- SEEDS: {shlex.join(own)} --> block",
                   file=sys.stderr)
             return 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,12 +49,7 @@ def test_demo_table_in_the_readme_matches_its_result() -> None:
 
 
 def test_seed_tables_in_the_readme_match_their_results() -> None:
-    import importlib.util
-
-    script = REPO / "scripts" / "seed_spread.py"
-    spec = importlib.util.spec_from_file_location("seed_spread", script)
-    seed_spread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seed_spread)
+    seed_spread = load_script("seed_spread")
     blocks = seed_spread.readme_blocks((REPO / "README.md").read_text())
     assert blocks, "the README has no training-seed tables"
     for args, block in blocks:
@@ -61,12 +58,7 @@ def test_seed_tables_in_the_readme_match_their_results() -> None:
 
 
 def test_budget_tables_in_the_readme_match_their_results() -> None:
-    import importlib.util
-
-    script = REPO / "scripts" / "budget_table.py"
-    spec = importlib.util.spec_from_file_location("budget_table", script)
-    budget_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(budget_table)
+    budget_table = load_script("budget_table")
     blocks = budget_table.readme_blocks((REPO / "README.md").read_text())
     assert len(blocks) == 3, "the README should hold the three splits' budget tables"
     for args, block in blocks:

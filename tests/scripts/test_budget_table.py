@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,13 +10,11 @@ import pytest
 from imaml_seg.config import ConfigError
 from imaml_seg.experiment import run_experiment
 from imaml_seg.meta.trainer import Paths
+from tests.scripts import load_script
 from tests.scripts.test_step_policies import _companion
 from tests.test_experiment import mini_study
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "budget_table.py"
-spec = importlib.util.spec_from_file_location("budget_table", SCRIPT)
-budget_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(budget_table)
+budget_table = load_script("budget_table")
 
 
 def test_cells_sit_under_their_budget_and_policy_and_the_best_is_bold(tmp_path, capsys) -> None:

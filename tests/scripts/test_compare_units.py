@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,12 +12,10 @@ from scipy import stats
 from imaml_seg.config import ConfigError
 from imaml_seg.experiment import Study, run_experiment
 from imaml_seg.meta.trainer import Paths
+from tests.scripts import load_script
 from tests.test_experiment import mini_study
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_units.py"
-spec = importlib.util.spec_from_file_location("compare_units", SCRIPT)
-compare_units = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_units)
+compare_units = load_script("compare_units")
 
 
 def test_compare_matches_the_studys_own_test_and_refuses_other_draws(tmp_path, capsys) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "grad_norms.py"
-spec = importlib.util.spec_from_file_location("grad_norms", SCRIPT)
-grad_norms = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(grad_norms)
+from tests.scripts import load_script
+
+grad_norms = load_script("grad_norms")
 
 
 def _unit(root: Path, study: str, method: str, log: list[dict]) -> None:

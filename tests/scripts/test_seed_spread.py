@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,12 +12,10 @@ from scipy import stats
 from imaml_seg.config import ConfigError
 from imaml_seg.experiment import run_experiment
 from imaml_seg.meta.trainer import Paths
+from tests.scripts import load_script
 from tests.test_experiment import mini_study
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "seed_spread.py"
-spec = importlib.util.spec_from_file_location("seed_spread", SCRIPT)
-seed_spread = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(seed_spread)
+seed_spread = load_script("seed_spread")
 
 
 def retrained(study: Path, name: str, train_seed: int, shift: float) -> None:
@@ -88,15 +85,17 @@ def test_readme_block_is_written_in_place_and_a_missing_block_is_an_error(tmp_pa
     study = mini_study(tmp_path, ["scratch", "imaml"], 2, [1], 2)
     run_experiment(study, Paths(Path(".")), quiet=True)
     retrained(study, "mini_seed1", 1, 0.1)
-    args = ["mini", "mini_seed1", "--pairs", "imaml:scratch", "--shots", "1", "--root",
-            str(tmp_path)]
+    key = ["mini", "mini_seed1", "--pairs", "imaml:scratch", "--shots", "1"]
+    args = [*key, "--root", str(tmp_path)]
     readme = tmp_path / "README.md"
-    marker = "<!-- SEEDS: " + " ".join(args) + " -->"
+    # The block is named by the arguments without --root (and --readme): the README's are
+    # printed again from any checkout.
+    marker = "<!-- SEEDS: " + " ".join(key) + " -->"
     readme.write_text(f"intro\n{marker}\nold table\n<!-- /SEEDS -->\nrest\n")
     assert seed_spread.main([*args, "--readme", str(readme)]) == 0
     tables = seed_spread.tables(seed_spread.parser().parse_args(args))
     assert readme.read_text() == f"intro\n{marker}\n{tables}\n<!-- /SEEDS -->\nrest\n"
-    assert seed_spread.readme_blocks(readme.read_text()) == [(args, tables + "\n")]
+    assert seed_spread.readme_blocks(readme.read_text()) == [(key, tables + "\n")]
     readme.write_text("no block\n")
     assert seed_spread.main([*args, "--readme", str(readme)]) == 2
     assert readme.read_text() == "no block\n"

@@ -3,7 +3,6 @@ by side."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,12 +11,10 @@ import pytest
 from imaml_seg.config import ConfigError
 from imaml_seg.experiment import run_experiment
 from imaml_seg.meta.trainer import Paths
+from tests.scripts import load_script
 from tests.test_experiment import mini_study
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "step_policies.py"
-spec = importlib.util.spec_from_file_location("step_policies", SCRIPT)
-step_policies = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step_policies)
+step_policies = load_script("step_policies")
 
 
 def _companion(study: Path, suffix: str, shift: float) -> None:
