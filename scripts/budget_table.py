@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -104,23 +103,7 @@ def readme_blocks(text: str) -> list[tuple[list[str], str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    try:
-        block = table(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.readme is None:
-        print(block, end="")
-        return 0
-    own = readme_block.block_args(argv)
-    if not readme_block.write(args.readme, "BUDGETS", own, block):
-        print(f"error: {args.readme} has no '<!-- BUDGETS: {shlex.join(own)} -->' block",
-              file=sys.stderr)
-        return 2
-    print(f"wrote the {args.base} table into {args.readme}")
-    return 0
+    return readme_block.run(argv, parser(), table, "BUDGETS")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@ script arguments that print the block's body, so a test can print it again and c
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
+import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from imaml_seg.config import ConfigError
 
 
 def _pattern(tag: str) -> re.Pattern[str]:
@@ -38,3 +43,32 @@ def block_args(argv: list[str]) -> list[str]:
         elif not a.startswith(("--readme=", "--root=")):
             out.append(a)
     return out
+
+
+def run(
+    argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    make: Callable[[argparse.Namespace], str],
+    tag: str,
+) -> int:
+    """A block-printing script's ``main``: print ``make(args)``, or with ``--readme`` write it
+    into that README's ``tag`` block named by ``argv``; 2 and one line on stderr on bad input
+    (``make`` raises ConfigError) or a missing block."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    try:
+        body = make(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    body = body if body.endswith("\n") else body + "\n"
+    if args.readme is None:
+        print(body, end="")
+        return 0
+    own = block_args(argv)
+    if not write(args.readme, tag, own, body):
+        print(f"error: {args.readme} has no '<!-- {tag}: {shlex.join(own)} -->' block",
+              file=sys.stderr)
+        return 2
+    print(f"wrote the {tag} block '{shlex.join(own)}' into {args.readme}")
+    return 0

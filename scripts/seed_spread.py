@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -194,21 +193,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    try:
-        text = tables(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(text)
-    if args.readme is not None:
-        own = readme_block.block_args(argv)
-        if not readme_block.write(args.readme, "SEEDS", own, text + "\n"):
-            print(f"error: {args.readme} has no <!-- SEEDS: {shlex.join(own)} --> block",
-                  file=sys.stderr)
-            return 2
-    return 0
+    return readme_block.run(argv, parser(), tables, "SEEDS")
 
 
 if __name__ == "__main__":
