@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from imaml_seg.config import ConfigError
-from imaml_seg.evaluation import paired_wilcoxon
+from imaml_seg.evaluation import paired_wilcoxon, paired_wilcoxon_images
 from imaml_seg.experiment import Study
 
 
@@ -57,10 +56,6 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
         common = sorted(set(da) & set(db))
         if not common:
             raise ConfigError(f"no {k}-shot draws shared by {a} and {b}")
-        pa, pb = (_per_image(records, label, k, common) for label in "ab")
-        p_images = None
-        if pa.shape == pb.shape and np.any(pa != pb):
-            p_images = float(stats.wilcoxon(pa, pb).pvalue)
         mean_a = float(np.mean([da[d] for d in common]))
         mean_b = float(np.mean([db[d] for d in common]))
         rows.append({
@@ -70,18 +65,10 @@ def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, obje
             "b": mean_b,
             "points": 100 * (mean_a - mean_b),
             "p": paired_wilcoxon(records, "a", "b", k),
-            "p_images": p_images,
+            "p_images": paired_wilcoxon_images(records, "a", "b", k),
             "a_higher": sum(da[d] > db[d] for d in common),
         })
     return rows
-
-
-def _per_image(records: list[dict], label: str, k: int, draws: list[int]) -> np.ndarray:
-    """``(images,)``: each test image's Dice for unit ``label`` at ``k`` shots, averaged over
-    ``draws`` (every draw scores the same test images)."""
-    rows = {r["draw"]: r["dice_per_image"] for r in records
-            if r["method"] == label and r["shots"] == k}
-    return np.mean([rows[d] for d in draws], axis=0)
 
 
 def main(argv: list[str] | None = None) -> int:

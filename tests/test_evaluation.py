@@ -14,6 +14,7 @@ from imaml_seg.evaluation import (
     candidates_up_to,
     choose_steps,
     paired_wilcoxon,
+    paired_wilcoxon_images,
     predict_logits,
     support_cv_steps,
 )
@@ -243,3 +244,19 @@ def test_paired_wilcoxon_needs_a_method_that_varies_over_the_draws() -> None:
     # Neither varies: 6 draws repeat one comparison, so no p-value rather than p = 0.03.
     assert paired_wilcoxon(zero_shot + records("c", [0.50] * 6), "b", "c", 5) is None
     assert paired_wilcoxon(fine_tuned, "a", "a", 5) is None  # no difference
+
+
+def test_paired_wilcoxon_images_pairs_each_image_averaged_over_the_shared_draws() -> None:
+    def record(method: str, draw: int, per_image: list[float]) -> dict:
+        return {"method": method, "shots": 5, "draw": draw, "dice_per_image": per_image}
+
+    a = [
+        record("a", 0, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+        record("a", 1, [0.7, 0.8, 0.9, 1.0, 1.0, 1.0]),  # mean: .6 .7 .8 .9 .95 1
+        record("a", 2, [0.0] * 6),  # b has no draw 2: left out, or every sign would flip
+    ]
+    b = [record("b", d, [0.55, 0.62, 0.70, 0.78, 0.81, 0.84]) for d in (0, 1)]
+    # Six differences (.05 .08 .10 .12 .14 .16), all positive: exact p = 2 / 2**6.
+    assert paired_wilcoxon_images(a + b, "a", "b", 5) == pytest.approx(2 / 64)
+    assert paired_wilcoxon_images(b, "b", "b", 5) is None  # no difference
+    assert paired_wilcoxon_images(a + b, "a", "b", 10) is None  # no 10-shot draws

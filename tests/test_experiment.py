@@ -53,6 +53,13 @@ def test_study_runs_skips_finished_units_and_reports(tmp_path) -> None:
     # Every other method is tested against the iMAML variant, per shot count (3 paired draws).
     assert {"imaml_warm_vs_scratch@1", "imaml_warm_vs_prototype@2"} <= set(saved["wilcoxon_p"])
     assert all(0 <= p <= 1 for p in saved["wilcoxon_p"].values())
+    # ... and over the test images (each image's Dice averaged over the draws).
+    assert set(saved["wilcoxon_p_images"]) <= set(saved["wilcoxon_p"]) | {
+        f"imaml_warm_vs_{m}@{k}" for m in ("scratch", "prototype") for k in (1, 2)
+    }
+    assert saved["wilcoxon_p_images"] and all(
+        0 <= p <= 1 for p in saved["wilcoxon_p_images"].values()
+    )
 
 
 def test_overlay_figure_needs_no_weights_and_leaves_out_units_from_elsewhere(tmp_path) -> None:
@@ -385,6 +392,8 @@ def test_units_that_ignore_the_support_set_get_no_p_value_between_them(tmp_path)
         assert len(dice) == 1  # no fine-tuning: the draws repeat one evaluation
     assert out["wilcoxon_p"].get("imaml_vs_transfer@2") is None
     table = markdown_table(out)
+    # Over the test images the two are compared: each image's Dice differs between them.
+    p_images = out["wilcoxon_p_images"]["imaml_vs_transfer@2"]
     transfer_row = table.split("| transfer |")[1].split("\n")[0]
-    assert transfer_row.endswith("| - |")  # its p-value against imaml
+    assert transfer_row.endswith(f"| - / {p_images:.2g} |")  # its p-values against imaml
     assert "transfer, imaml score the same on every 2-shot draw" in table

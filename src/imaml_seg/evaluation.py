@@ -368,3 +368,27 @@ def paired_wilcoxon(
     if len({a[d] for d in common}) == 1 and len({b[d] for d in common}) == 1:
         return None
     return float(stats.wilcoxon([a[d] for d in common], [b[d] for d in common]).pvalue)
+
+
+def paired_wilcoxon_images(
+    records: list[dict], method: str, other: str, shots: int
+) -> float | None:
+    """Two-sided p-value of the paired Wilcoxon signed-rank test over test images.
+
+    Each image's Dice (``dice_per_image``, ``(images,)`` per record) is averaged over the draws
+    both methods scored, and the two ``(images,)`` vectors are paired: the test of how much a
+    difference depends on the test pool, the one that exists when neither method used its
+    support set.  None without common draws, with test pools of different sizes or no
+    difference."""
+    a = {r["draw"]: r["dice_per_image"] for r in records
+         if r["method"] == method and r["shots"] == shots}
+    b = {r["draw"]: r["dice_per_image"] for r in records
+         if r["method"] == other and r["shots"] == shots}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    pa = np.mean([a[d] for d in common], axis=0)
+    pb = np.mean([b[d] for d in common], axis=0)
+    if pa.shape != pb.shape or not np.any(pa != pb):
+        return None
+    return float(stats.wilcoxon(pa, pb).pvalue)

@@ -31,9 +31,10 @@ It runs as small units, each skipped when its output exists, so an interrupted s
 where it stopped: one training run per method (``runs/<name>/<method>/``, checkpoints, not
 committed), one choice of test-time settings per method when the study tunes them
 (``results/<name>/<method>.tune.json``) and one evaluation per method
-(``results/<name>/<method>.json``, committed).  The
-report step then writes ``results/<name>.json`` (every per-draw score, summaries, paired Wilcoxon
-tests of iMAML against each method), a Dice-vs-shots plot, learning curves and an overlay grid.
+(``results/<name>/<method>.json``, committed).  The report step then writes
+``results/<name>.json`` (every per-draw score, summaries, paired Wilcoxon tests of iMAML against
+each method over draws and over test images), a Dice-vs-shots plot, learning curves and an
+overlay grid.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from imaml_seg.evaluation import (
     TestTimeAugmented,
     evaluate,
     paired_wilcoxon,
+    paired_wilcoxon_images,
     summarise,
 )
 from imaml_seg.meta.trainer import (
@@ -605,6 +607,25 @@ def check_unit(study: Study, path: Path, payload: dict[str, Any]) -> None:
         )
 
 
+def wilcoxon_tests(
+    records: list[dict], methods: tuple[str, ...] | list[str], test: Any
+) -> dict[str, float]:
+    """``test(records, ref, other, shots)`` (:func:`paired_wilcoxon` over draws or
+    :func:`paired_wilcoxon_images` over test images) of each reference method against each
+    other method at each shot count, keyed ``"<ref>_vs_<other>@<shots>"``; untestable pairs are
+    left out."""
+    tests = {}
+    shots = sorted({r["shots"] for r in records})
+    for ref in tested_against(methods):
+        for other in methods:
+            if other != ref:
+                for k in shots:
+                    p = test(records, ref, other, k)
+                    if p is not None:
+                        tests[f"{ref}_vs_{other}@{k}"] = p
+    return tests
+
+
 def report(
     study: Study, target: SegArrays | None, runs: Path, results: Path, *, figures: bool = True
 ) -> dict[str, Any]:
@@ -626,15 +647,8 @@ def report(
                 train_logs[method] = payload["train_log"]
     summary = {f"{m}@{k}": s for (m, k), s in summarise(records).items()}
     iou = {f"{m}@{k}": s for (m, k), s in summarise(records, "iou").items()}
-    tests = {}
-    shots = sorted({r["shots"] for r in records})
-    for ref in tested_against(study.methods):
-        for other in study.methods:
-            if other != ref:
-                for k in shots:
-                    p = paired_wilcoxon(records, ref, other, k)
-                    if p is not None:
-                        tests[f"{ref}_vs_{other}@{k}"] = p
+    tests = wilcoxon_tests(records, study.methods, paired_wilcoxon)
+    image_tests = wilcoxon_tests(records, study.methods, paired_wilcoxon_images)
     steps_chosen: dict[str, dict[str, int]] = {}
     for r in records:
         if "inner_steps" in r:
@@ -651,6 +665,7 @@ def report(
         "summary_dice": summary,
         "summary_iou": iou,
         "wilcoxon_p": tests,
+        "wilcoxon_p_images": image_tests,
         "tuned": tuned,
         "steps_chosen": steps_chosen,
         "support_cv_rule": study.config.eval.support_cv_rule,
@@ -823,6 +838,10 @@ def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]], rule: str = "
 def markdown_table(result: dict[str, Any]) -> str:
     """The study's Dice table (mean and 95 % CI per shot count), from ``results/<name>.json``."""
     summary, tests = result["summary_dice"], result["wilcoxon_p"]
+    # Reports written before session 20 hold only the test over draws.
+    image_tests = result.get("wilcoxon_p_images")
+    if image_tests is None:
+        image_tests = wilcoxon_tests(result["records"], result["methods"], paired_wilcoxon_images)
     tuned = result.get("tuned") or {}
     shots = sorted({int(key.rsplit("@", 1)[1]) for key in summary})
     done = [m for m in result["methods"] if any(k.startswith(f"{m}@") for k in summary)]
@@ -831,7 +850,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     refs = tested_against(result["methods"])
     mid = shots[len(shots) // 2]
     head += f" | IoU {mid}-shot"
-    head += "".join(f" | Wilcoxon p vs {ref} ({mid}-shot)" for ref in refs)
+    head += "".join(f" | Wilcoxon p vs {ref} ({mid}-shot): draws / images" for ref in refs)
     head += " |\n" + "|---" * (len(shots) + 2 + len(refs) + bool(tuned)) + "|\n"
     rows = []
     for method in done:
@@ -842,8 +861,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         iou = result["summary_iou"].get(f"{method}@{mid}")
         cells.append(f"{iou['mean']:.3f}")
         for ref in refs:
-            p = tests.get(f"{ref}_vs_{method}@{mid}")
-            cells.append(f"{p:.2g}" if p is not None else "-")
+            key = f"{ref}_vs_{method}@{mid}"
+            p, pi = (t.get(key) for t in (tests, image_tests))
+            cells.append("-" if p is None and pi is None else f"{_p(p)} / {_p(pi)}")
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     missing = [m for m in result["methods"] if m not in done]
     by_device: dict[str, list[str]] = {}
@@ -867,6 +887,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result['resolution']} px, {draws} support draws per shot count (the same for every "
         f"method); measured on {', '.join(devices)}."
     )
+    if refs:
+        note += (
+            " Wilcoxon p: paired, over the support draws / over the test images (each image's "
+            "Dice averaged over the draws)."
+        )
     seed = result.get("seed", 0)
     if result.get("train_seed", seed) != seed:
         note += f" Trained with training seed {result['train_seed']} (draws of seed {seed})."
@@ -882,7 +907,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f" {', '.join(fixed)} score{'s' if len(fixed) == 1 else ''} the same on every "
             f"{mid}-shot draw (no fine-tuning: the support set is not used): the interval over "
             "draws has zero width and leaves out the test pool's sampling error, and two such "
-            "rows get no p-value."
+            "rows get no p-value over draws."
         )
     if result.get("steps_chosen"):
         rule = result.get("support_cv_rule", "best")
@@ -890,6 +915,10 @@ def markdown_table(result: dict[str, Any]) -> str:
     if missing:
         note += f" Not run yet: {', '.join(missing)}."
     return head + "\n".join(rows) + "\n" + note + "\n"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.2g}"
 
 
 def update_readme(readme: Path, name: str, table: str) -> bool:
