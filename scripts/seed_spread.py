@@ -10,8 +10,9 @@ and batches) and scored on the same support draws (checked from the study files)
 prints two markdown tables.  Per method and shot count: the mean Dice of each training seed
 (over its draws) and the mean and sample standard deviation over the seeds.  Per pair ``A:B``:
 the difference in Dice points for each seed, their mean and standard deviation, how many seeds
-favour A, and the paired Wilcoxon p-value over draws of the Dice averaged over the seeds that
-trained both methods (the seed ensemble's test; the per-seed tests are in each study's report).
+favour A, and the paired Wilcoxon p-values of the Dice averaged over the seeds that trained both
+methods (the seed ensemble's tests; the per-seed tests are in each study's report), over the draws
+and over the test images (each image's Dice averaged over the draws too).
 A method missing from a study is shown as "-" and left out of that seed's statistics.
 
 ``--readme README.md`` writes the tables between ``<!-- SEEDS: ARGS -->`` and ``<!-- /SEEDS -->``,
@@ -31,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
 
 from imaml_seg.config import ConfigError  # noqa: E402
-from imaml_seg.evaluation import paired_wilcoxon  # noqa: E402
+from imaml_seg.evaluation import paired_wilcoxon, paired_wilcoxon_images  # noqa: E402
 from imaml_seg.experiment import Study  # noqa: E402
 
-Dice = dict[tuple[int, int], float]  # (shots, draw) -> Dice of one unit
+Unit = dict[tuple[int, int], dict]  # (shots, draw) -> that draw's record of one unit
 
 
-def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Dice]]]:
-    """Each study and its finished units' per-draw Dice; refuses studies with other draws or
+def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Unit]]]:
+    """Each study and its finished units' per-draw records; refuses studies with other draws or
     a training seed given twice."""
     loaded = []
     for name in names:
@@ -48,7 +49,7 @@ def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Dice]]]:
             result = root / "results" / study.name / f"{method}.json"
             if result.is_file():
                 records = json.loads(result.read_text())["records"]
-                units[method] = {(r["shots"], r["draw"]): r["dice"] for r in records}
+                units[method] = {(r["shots"], r["draw"]): r for r in records}
         loaded.append((study, units))
     first = loaded[0][0]
     for study, _ in loaded[1:]:
@@ -59,18 +60,18 @@ def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Dice]]]:
     return loaded
 
 
-def _mean(unit: Dice, shots: int, draws: list[int]) -> float:
-    return float(np.mean([unit[(shots, d)] for d in draws]))
+def _mean(unit: Unit, shots: int, draws: list[int]) -> float:
+    return float(np.mean([unit[(shots, d)]["dice"] for d in draws]))
 
 
-def _draws(units: list[Dice], shots: int) -> list[int]:
+def _draws(units: list[Unit], shots: int) -> list[int]:
     """The draws at ``shots`` that every unit scored."""
     common = set.intersection(*({d for k, d in u if k == shots} for u in units))
     return sorted(common)
 
 
 def method_rows(
-    loaded: list[tuple[Study, dict[str, Dice]]], methods: list[str], shots: list[int]
+    loaded: list[tuple[Study, dict[str, Unit]]], methods: list[str], shots: list[int]
 ) -> list[dict[str, object]]:
     """Per method and shot count: each seed's mean Dice (None where not run), mean and sd."""
     rows = []
@@ -93,10 +94,11 @@ def method_rows(
 
 
 def pair_rows(
-    loaded: list[tuple[Study, dict[str, Dice]]], pairs: list[tuple[str, str]], shots: list[int]
+    loaded: list[tuple[Study, dict[str, Unit]]], pairs: list[tuple[str, str]], shots: list[int]
 ) -> list[dict[str, object]]:
     """Per pair ``(a, b)`` and shot count: each seed's difference in points, mean, sd, how many
-    seeds favour ``a``, and the Wilcoxon p over draws of the seed-averaged Dice."""
+    seeds favour ``a``, and the Wilcoxon p of the seed-averaged Dice over draws (``p``) and over
+    test images (``p_images``)."""
     rows = []
     for a, b in pairs:
         both = [(u[a], u[b]) for _, u in loaded if a in u and b in u]
@@ -110,15 +112,18 @@ def pair_rows(
                 else:
                     per_seed.append(None)
             values = [v for v in per_seed if v is not None]
-            p = None
+            p = p_images = None
             if both:
                 draws = _draws([u for pair in both for u in pair], k)
                 averaged = [
                     {"method": m, "shots": k, "draw": d,
-                     "dice": float(np.mean([pair[i][(k, d)] for pair in both]))}
+                     "dice": float(np.mean([pair[i][(k, d)]["dice"] for pair in both])),
+                     "dice_per_image": np.mean(
+                         [pair[i][(k, d)]["dice_per_image"] for pair in both], axis=0)}
                     for i, m in enumerate((a, b)) for d in draws
                 ]
                 p = paired_wilcoxon(averaged, a, b, k)
+                p_images = paired_wilcoxon_images(averaged, a, b, k)
             rows.append({
                 "pair": f"{a} - {b}",
                 "shots": k,
@@ -128,6 +133,7 @@ def pair_rows(
                 "favour": sum(v > 0 for v in values),
                 "seeds": len(values),
                 "p": p,
+                "p_images": p_images,
             })
     return rows
 
@@ -137,7 +143,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def markdown(
-    loaded: list[tuple[Study, dict[str, Dice]]],
+    loaded: list[tuple[Study, dict[str, Unit]]],
     methods: list[dict[str, object]],
     pairs: list[dict[str, object]],
 ) -> str:
@@ -152,12 +158,13 @@ def markdown(
             f"{_cell(r['mean'], '.3f')} +- {_cell(r['sd'], '.3f')} |"
         )
     lines += ["", f"| difference (points) | shots | {seeds} | mean +- sd | seeds > 0 | "
-              "Wilcoxon p, seed-averaged |", f"|---|---{dashes}|---|---|---|"]
+              "Wilcoxon p, seed-averaged: draws / images |", f"|---|---{dashes}|---|---|---|"]
     for r in pairs:
         cells = " | ".join(_cell(v, "+.1f") for v in r["per_seed"])
         lines.append(
             f"| {r['pair']} | {r['shots']} | {cells} | {_cell(r['mean'], '+.1f')} +- "
-            f"{_cell(r['sd'], '.1f')} | {r['favour']}/{r['seeds']} | {_cell(r['p'], '.2g')} |"
+            f"{_cell(r['sd'], '.1f')} | {r['favour']}/{r['seeds']} | {_cell(r['p'], '.2g')} / "
+            f"{_cell(r['p_images'], '.2g')} |"
         )
     return "\n".join(lines)
 

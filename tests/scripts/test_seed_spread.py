@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -20,7 +21,7 @@ seed_spread = load_script("seed_spread")
 
 def retrained(study: Path, name: str, train_seed: int, shift: float) -> None:
     """A copy of ``study`` named ``name`` with ``train_seed``, its units' results copied and
-    iMAML's Dice raised by ``shift`` on every draw (as if that training run were better)."""
+    iMAML's Dice raised by ``shift`` on every draw and image (as if that run were better)."""
     root = study.parents[1]
     text = study.read_text().replace('name = "mini"', f'name = "{name}"\ntrain_seed = {train_seed}')
     study.with_name(f"{name}.toml").write_text(text)
@@ -30,6 +31,7 @@ def retrained(study: Path, name: str, train_seed: int, shift: float) -> None:
         if method == "imaml":
             for r in result["records"]:
                 r["dice"] += shift
+                r["dice_per_image"] = [v + shift for v in r["dice_per_image"]]
         (root / "results" / name / f"{method}.json").write_text(json.dumps(result))
 
 
@@ -58,6 +60,14 @@ def test_spread_over_seeds_worked_by_hand(tmp_path, capsys) -> None:
     a = [r["dice"] + 0.05 for r in records if r["method"] == "imaml" and r["shots"] == 2]
     b = [r["dice"] for r in records if r["method"] == "scratch" and r["shots"] == 2]
     assert pair["p"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    # ... and each test image's Dice averaged over the draws and the seeds.
+    per_image = {
+        m: np.mean([r["dice_per_image"] for r in records if r["method"] == m and r["shots"] == 2],
+                   axis=0)
+        for m in ("imaml", "scratch")
+    }
+    expected = stats.wilcoxon(per_image["imaml"] + 0.05, per_image["scratch"]).pvalue
+    assert pair["p_images"] == pytest.approx(expected)
     # A method one study lacks is shown as "-" and left out of that seed's statistics.
     assert seed_spread.main(["mini", "mini_seed1", "--methods", "imaml", "prototype",
                              "--pairs", "imaml:scratch", "--shots", "2", "--root",
@@ -65,6 +75,7 @@ def test_spread_over_seeds_worked_by_hand(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "| prototype | 2 | - | - | - +- - |" in out and "| seed 0 | seed 1 |" in out
     assert f"| imaml - scratch | 2 | {gap:+.1f} | {gap + 10:+.1f} |" in out
+    assert f"| {pair['p']:.2g} / {pair['p_images']:.2g} |" in out
 
 
 def test_refuses_other_draws_a_repeated_training_seed_and_a_bad_pair(tmp_path, capsys) -> None:
