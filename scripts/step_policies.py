@@ -7,8 +7,9 @@ chosen by support cross-validation's best mean (``B_supportcv``), by its one-sta
 rule (``B_onese``) and by its paired one-standard-error rule (``B_pairedse``), and prints one
 markdown row per method and shot count: each policy's mean Dice over the draws (``-`` where the
 companion or its unit is missing) and each standard-error rule against the best-mean rule
-(points, paired Wilcoxon p).  With ``--no-fine-tuning`` it prints instead the fixed steps against
-no fine-tuning (the question a single shot leaves, since it cannot be split for support CV)::
+(points, paired Wilcoxon p over draws / over test images).  With ``--no-fine-tuning`` it prints
+instead the fixed steps against no fine-tuning (the question a single shot leaves, since it
+cannot be split for support CV)::
 
     python scripts/step_policies.py unseen_polyp unique_polyp_4x --shots 5 10
     python scripts/step_policies.py unseen_polyp unseen_skin --shots 1 --no-fine-tuning
@@ -43,9 +44,10 @@ def fixed_study(root: Path, base: str) -> str:
 
 def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, object]]:
     """One row per method and shot count: ``{"study", "method", "shots", <policy>: mean Dice
-    or None, per rule in :data:`RULES` "<rule> points" and "<rule> p" against support CV, and
-    "0 steps points", "0 steps p", "0 steps wins" (draws where it scores higher) against the
-    fixed steps (None where either is missing)}``."""
+    or None, per rule in :data:`RULES` "<rule> points", "<rule> p" (over draws) and "<rule> p
+    images" (over test images) against support CV, and "0 steps points", "0 steps p", "0 steps p
+    images", "0 steps wins" (draws where it scores higher) against the fixed steps (None where
+    either is missing)}``."""
     studies = {
         name: fixed_study(root, base) if suffix == "" else f"{base}{suffix}"
         for name, suffix in POLICIES
@@ -74,19 +76,27 @@ def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, objec
                 dice = [r["dice"] for r in records.get(policy, []) if r["shots"] == k]
                 row[policy] = float(np.mean(dice)) if dice else None
             for rule in RULES:
-                row[f"{rule} points"] = row[f"{rule} p"] = None
+                for key in ("points", "p", "p images"):
+                    row[f"{rule} {key}"] = None
                 if rule in records and "support CV" in records:
                     (c,) = compare(root, f"{found[rule]}:{method}",
                                    f"{found['support CV']}:{method}", [k])
                     row[f"{rule} points"], row[f"{rule} p"] = c["points"], c["p"]
-            row["0 steps points"] = row["0 steps p"] = row["0 steps wins"] = None
+                    row[f"{rule} p images"] = c["p_images"]
+            for key in ("points", "p", "p images", "wins"):
+                row[f"0 steps {key}"] = None
             if "0 steps" in records and "fixed" in records:
                 (c,) = compare(root, f"{found['0 steps']}:{method}", f"{found['fixed']}:{method}",
                                [k])
                 row["0 steps points"], row["0 steps p"] = c["points"], c["p"]
-                row["0 steps wins"] = c["a_higher"]
+                row["0 steps p images"], row["0 steps wins"] = c["p_images"], c["a_higher"]
             rows.append(row)
     return rows
+
+
+def _p(draws: float | None, images: float | None) -> str:
+    """Both p-values of a difference, over draws / over test images."""
+    return " / ".join("-" if p is None else f"{p:.2g}" for p in (draws, images))
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
@@ -101,9 +111,9 @@ def markdown(rows: list[dict[str, object]]) -> str:
         cells = ["-" if r[n] is None else
                  (f"**{r[n]:.3f}**" if r[n] == best else f"{r[n]:.3f}") for n in names]
         for rule in RULES:
-            points, p = r[f"{rule} points"], r[f"{rule} p"]
-            p_text = "-" if p is None else f"{p:.2g}"
-            cells.append("-" if points is None else f"{points:+.1f} (p = {p_text})")
+            points = r[f"{rule} points"]
+            cells.append("-" if points is None else
+                         f"{points:+.1f} (p = {_p(r[f'{rule} p'], r[f'{rule} p images'])})")
         lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines)
@@ -118,10 +128,9 @@ def no_fine_tuning_markdown(rows: list[dict[str, object]]) -> str:
             continue
         cells = [f"**{r[n]:.3f}**" if r[n] >= r[o] else f"{r[n]:.3f}"
                  for n, o in (("fixed", "0 steps"), ("0 steps", "fixed"))]
-        p = r["0 steps p"]
-        p_text = "-" if p is None else f"{p:.2g}"
+        p = _p(r["0 steps p"], r["0 steps p images"])
         lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | {cells[0]} | {cells[1]} "
-                     f"| {r['0 steps points']:+.1f} (p = {p_text}) | {r['0 steps wins']} |")
+                     f"| {r['0 steps points']:+.1f} (p = {p}) | {r['0 steps wins']} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ step_policies = load_script("step_policies")
 
 def _companion(study: Path, suffix: str, shift: float) -> None:
     """A copy of the mini study named ``mini<suffix>`` with only its imaml unit, every draw's
-    Dice moved by ``shift``."""
+    and every test image's Dice moved by ``shift``."""
     name = f"mini{suffix}"
     text = study.read_text().replace('name = "mini"', f'name = "{name}"')
     study.with_name(f"{name}.toml").write_text(text.replace('"scratch", "imaml"', '"imaml"'))
@@ -28,6 +28,7 @@ def _companion(study: Path, suffix: str, shift: float) -> None:
     unit = json.loads((study.parents[1] / "results" / "mini" / "imaml.json").read_text())
     for r in unit["records"]:
         r["dice"] += shift
+        r["dice_per_image"] = [v + shift for v in r["dice_per_image"]]
     (folder / "imaml.json").write_text(json.dumps(unit))
 
 
@@ -55,11 +56,14 @@ def test_rows_hold_each_policys_mean_and_the_one_se_difference(tmp_path, capsys)
     (row,) = step_policies.policy_rows(tmp_path, "mini", [2])
     assert row["one-SE points"] == pytest.approx(12.5)
     assert row["one-SE p"] == pytest.approx(0.25)  # 3 draws, all one sign: exact two-sided p
+    images = len(saved["records"][0]["dice_per_image"])  # all one sign too
+    assert row["one-SE p images"] == pytest.approx(2 / 2**images)
     assert row["paired-SE points"] == pytest.approx(-6.25)
     assert step_policies.main(["mini", "--root", str(tmp_path), "--shots", "2"]) == 0
     table = capsys.readouterr().out
     assert f"| mini | imaml | 2 | {row['fixed']:.3f} |" in table
-    assert f"**{row['one-SE']:.3f}** | {row['paired-SE']:.3f} | +12.5 (p = 0.25) | -6.2" in table
+    assert (f"**{row['one-SE']:.3f}** | {row['paired-SE']:.3f} | +12.5 (p = 0.25 / "
+            f"{2 / 2**images:.2g}) | -6.2") in table
     assert step_policies.main(["mini", "--root", str(tmp_path), "--shots", "1",
                                "--no-fine-tuning"]) == 0
     one = capsys.readouterr().out
