@@ -12,12 +12,12 @@ A study is a TOML file (``experiments/<name>.toml``)::
 
 A study with more training steps may start its units from another's (``extend_from =
 "unseen_polyp"``): a unit with no run of its own continues that study's run of the same method to
-its own ``meta_steps`` / ``pretrain_steps`` (the weights of one longer run; nothing else may
-differ).  A study may reuse another's trained units (``train_from = "unseen_polyp"``) when it
-differs from it only in its ``[eval]`` section, and may choose each method's test-time settings
-on validation tasks of the *sources* (never the target) before scoring it: ``[tune]`` lists stages
-of candidate ``[eval]`` overrides; each stage keeps its best candidate (ties go to the first) and
-the next stage tries its own on top of it::
+its own ``meta_steps`` / ``pretrain_steps`` (the weights of one longer run; nothing else but
+``[eval]`` may differ).  A study may reuse another's trained units (``train_from =
+"unseen_polyp"``) when it differs from it only in its ``[eval]`` section, and may choose each
+method's test-time settings on validation tasks of the *sources* (never the target) before
+scoring it: ``[tune]`` lists stages of candidate ``[eval]`` overrides; each stage keeps its best
+candidate (ties go to the first) and the next stage tries its own on top of it::
 
     [tune]
     tasks = 8
@@ -287,7 +287,7 @@ def _continue_from(study: Study, method: str, config: RunConfig, out: Path) -> N
         raise ConfigError(
             f"study {study.name}: extend_from = '{study.extend_from}': {source} was trained "
             f"with other settings than {method} here (only meta_steps and pretrain_steps may "
-            "grow)"
+            "grow, and [eval] differ)"
         )
     out.mkdir(parents=True, exist_ok=True)
     if (source / LOG).exists():

@@ -128,6 +128,8 @@ def test_resume_with_other_settings_keeps_the_checkpoints_own(tmp_path) -> None:
     other_lr = merge(config, {"meta": {"meta_steps": 3, "meta_lr": 0.5}})
     assert not trainer.extends(config, shorter) and not trainer.extends(config, other_lr)
     assert trainer.extends(config, merge(config, {"meta": {"pretrain_steps": 99}}))
+    # Test-time settings are not training's: a zero-shot study may continue a preset one.
+    assert trainer.extends(config, merge(config, {"eval": {"inner_steps": 0}}))
     with pytest.warns(UserWarning, match="checkpoint's own config"):
         ckpt = load_checkpoint(train(other_lr, Paths(tmp_path), resume=True, quiet=True))
     assert ckpt.step == 2 and ckpt.config == config

@@ -59,10 +59,12 @@ class Paths:
 
 def extends(old: RunConfig, new: RunConfig) -> bool:
     """Whether ``new`` is ``old`` with a step budget (``meta_steps``, ``pretrain_steps``) at
-    least as large and nothing else changed, so that a run of ``old`` can be continued to it."""
+    least as large and nothing else that training reads changed, so that a run of ``old`` can be
+    continued to it.  The ``[eval]`` section may differ: training never reads it (validation
+    adapts with the ``[inner]`` loop)."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     return (
-        replace(old, meta=replace(old.meta, **budget)) == new
+        replace(old, meta=replace(old.meta, **budget), eval=new.eval) == new
         and new.meta.meta_steps >= old.meta.meta_steps
         and new.meta.pretrain_steps >= old.meta.pretrain_steps
     )
