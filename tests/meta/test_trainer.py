@@ -130,6 +130,11 @@ def test_resume_with_other_settings_keeps_the_checkpoints_own(tmp_path) -> None:
     assert trainer.extends(config, merge(config, {"meta": {"pretrain_steps": 99}}))
     # Test-time settings are not training's: a zero-shot study may continue a preset one.
     assert trainer.extends(config, merge(config, {"eval": {"inner_steps": 0}}))
+    # Nor is the budget of the other phase: transfer trains pretrain_steps, the rest meta_steps.
+    assert trainer.extends(config, merge(config, {"meta": {"pretrain_steps": 1}}))
+    transfer = merge(config, {"meta": {"algorithm": "transfer", "pretrain_steps": 5}})
+    assert trainer.extends(transfer, merge(transfer, {"meta": {"meta_steps": 1}}))
+    assert not trainer.extends(transfer, merge(transfer, {"meta": {"pretrain_steps": 4}}))
     with pytest.warns(UserWarning, match="checkpoint's own config"):
         ckpt = load_checkpoint(train(other_lr, Paths(tmp_path), resume=True, quiet=True))
     assert ckpt.step == 2 and ckpt.config == config

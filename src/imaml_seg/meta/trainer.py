@@ -12,8 +12,8 @@ Every ``checkpoint_every`` steps the run is saved atomically; ``resume=True`` co
 last checkpoint and reaches the same ``theta`` as an uninterrupted run, because tasks depend on
 ``(seed, step, index)`` alone and the optimiser state is saved with the weights.  For the same
 reason a finished run can be continued to a larger step budget (``meta_steps`` or
-``pretrain_steps``, nothing else changed; see :func:`extends`): 600 steps and then 600 more reach
-the weights of one 1200-step run.
+``pretrain_steps``, nothing else training reads changed; see :func:`extends`): 600 steps and
+then 600 more reach the weights of one 1200-step run.
 """
 
 from __future__ import annotations
@@ -58,15 +58,23 @@ class Paths:
 
 
 def extends(old: RunConfig, new: RunConfig) -> bool:
-    """Whether ``new`` is ``old`` with a step budget (``meta_steps``, ``pretrain_steps``) at
-    least as large and nothing else that training reads changed, so that a run of ``old`` can be
-    continued to it.  The ``[eval]`` section may differ: training never reads it (validation
-    adapts with the ``[inner]`` loop)."""
+    """Whether ``new`` is ``old`` with a step budget (:func:`run_steps`) at least as large and
+    nothing else that training reads changed, so that a run of ``old`` can be continued to it.
+    The ``[eval]`` section and the budget the run does not train with (``meta_steps`` of
+    transfer, ``pretrain_steps`` of the others) may differ: training never reads them
+    (validation adapts with the ``[inner]`` loop)."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     return (
         replace(old, meta=replace(old.meta, **budget), eval=new.eval) == new
-        and new.meta.meta_steps >= old.meta.meta_steps
-        and new.meta.pretrain_steps >= old.meta.pretrain_steps
+        and run_steps(new) >= run_steps(old)
+    )
+
+
+def run_steps(config: RunConfig) -> int:
+    """The steps a run of ``config`` trains: ``pretrain_steps`` for transfer, none for
+    scratch, ``meta_steps`` for the meta-learners."""
+    return {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(
+        config.meta.algorithm, config.meta.meta_steps
     )
 
 
@@ -225,9 +233,7 @@ def train(
             log_path.unlink(missing_ok=True)
             write_config(out, config)
 
-    total = {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(
-        algorithm, config.meta.meta_steps
-    )
+    total = run_steps(config)
     if state.get("done") or start >= total:
         if world.is_main and not ckpt_path.exists():
             save_checkpoint(ckpt_path, Checkpoint(config, theta, start, {}, {"done": True}))
