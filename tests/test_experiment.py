@@ -281,7 +281,7 @@ def test_extend_from_continues_the_shorter_studys_runs(tmp_path) -> None:
         text.replace("mini_long", "mini_other")
         + f"meta = {{ meta_steps = {meta_steps + 1}, meta_lr = 0.5 }}\n"
     )
-    with pytest.raises(ConfigError, match=r"extend_from = 'mini'.*only meta_steps"):
+    with pytest.raises(ConfigError, match=r"extend_from = 'mini'.*only the steps it trains"):
         run_experiment(other, Paths(Path(".")), quiet=True)
 
 

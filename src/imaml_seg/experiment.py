@@ -12,12 +12,13 @@ A study is a TOML file (``experiments/<name>.toml``)::
 
 A study with more training steps may start its units from another's (``extend_from =
 "unseen_polyp"``): a unit with no run of its own continues that study's run of the same method to
-its own ``meta_steps`` / ``pretrain_steps`` (the weights of one longer run; nothing else but
-``[eval]`` may differ).  A study may reuse another's trained units (``train_from =
-"unseen_polyp"``) when it differs from it only in its ``[eval]`` section, and may choose each
-method's test-time settings on validation tasks of the *sources* (never the target) before
-scoring it: ``[tune]`` lists stages of candidate ``[eval]`` overrides; each stage keeps its best
-candidate (ties go to the first) and the next stage tries its own on top of it::
+its own ``meta_steps`` / ``pretrain_steps`` (the weights of one longer run; nothing else
+that training reads may differ, see :func:`~imaml_seg.meta.trainer.extends`).  A study may
+reuse another's trained units (``train_from = "unseen_polyp"``) when it differs from it only in
+its ``[eval]`` section, and may choose each method's test-time settings on validation tasks of
+the *sources* (never the target) before scoring it: ``[tune]`` lists stages of candidate
+``[eval]`` overrides; each stage keeps its best candidate (ties go to the first) and the next
+stage tries its own on top of it::
 
     [tune]
     tasks = 8
@@ -46,6 +47,7 @@ import shutil
 import time
 import tomllib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -286,8 +288,8 @@ def _continue_from(study: Study, method: str, config: RunConfig, out: Path) -> N
     if not extends(old, config):
         raise ConfigError(
             f"study {study.name}: extend_from = '{study.extend_from}': {source} was trained "
-            f"with other settings than {method} here (only meta_steps and pretrain_steps may "
-            "grow, and [eval] differ)"
+            f"with other settings than {method} here (only the steps it trains may grow and "
+            "[eval] differ)"
         )
     out.mkdir(parents=True, exist_ok=True)
     if (source / LOG).exists():
@@ -608,7 +610,9 @@ def check_unit(study: Study, path: Path, payload: dict[str, Any]) -> None:
 
 
 def wilcoxon_tests(
-    records: list[dict], methods: tuple[str, ...] | list[str], test: Any
+    records: list[dict],
+    methods: tuple[str, ...] | list[str],
+    test: Callable[[list[dict], str, str, int], float | None],
 ) -> dict[str, float]:
     """``test(records, ref, other, shots)`` (:func:`paired_wilcoxon` over draws or
     :func:`paired_wilcoxon_images` over test images) of each reference method against each
@@ -838,7 +842,7 @@ def describe_steps_chosen(steps_chosen: dict[str, dict[str, int]], rule: str = "
 def markdown_table(result: dict[str, Any]) -> str:
     """The study's Dice table (mean and 95 % CI per shot count), from ``results/<name>.json``."""
     summary, tests = result["summary_dice"], result["wilcoxon_p"]
-    # Reports written before session 20 hold only the test over draws.
+    # Reports written before the test over images existed hold only the one over draws.
     image_tests = result.get("wilcoxon_p_images")
     if image_tests is None:
         image_tests = wilcoxon_tests(result["records"], result["methods"], paired_wilcoxon_images)
