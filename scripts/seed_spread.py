@@ -32,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
 
 from imaml_seg.config import ConfigError  # noqa: E402
-from imaml_seg.evaluation import paired_wilcoxon, paired_wilcoxon_images  # noqa: E402
+from imaml_seg.evaluation import (  # noqa: E402
+    format_p_pair,
+    paired_wilcoxon,
+    paired_wilcoxon_images,
+)
 from imaml_seg.experiment import Study  # noqa: E402
 
 Unit = dict[tuple[int, int], dict]  # (shots, draw) -> that draw's record of one unit
@@ -163,8 +167,8 @@ def markdown(
         cells = " | ".join(_cell(v, "+.1f") for v in r["per_seed"])
         lines.append(
             f"| {r['pair']} | {r['shots']} | {cells} | {_cell(r['mean'], '+.1f')} +- "
-            f"{_cell(r['sd'], '.1f')} | {r['favour']}/{r['seeds']} | {_cell(r['p'], '.2g')} / "
-            f"{_cell(r['p_images'], '.2g')} |"
+            f"{_cell(r['sd'], '.1f')} | {r['favour']}/{r['seeds']} | "
+            f"{format_p_pair(r['p'], r['p_images'])} |"
         )
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_units import compare  # noqa: E402
 
 from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.evaluation import format_p_pair  # noqa: E402
 from imaml_seg.experiment import Study  # noqa: E402
 
 POLICIES = (("fixed", ""), ("0 steps", "_zeroshot"), ("support CV", "_supportcv"),
@@ -94,11 +95,6 @@ def policy_rows(root: Path, base: str, shots: list[int]) -> list[dict[str, objec
     return rows
 
 
-def _p(draws: float | None, images: float | None) -> str:
-    """Both p-values of a difference, over draws / over test images."""
-    return " / ".join("-" if p is None else f"{p:.2g}" for p in (draws, images))
-
-
 def markdown(rows: list[dict[str, object]]) -> str:
     """The rows as a markdown table, each row's best policy in bold."""
     names = [name for name, _ in POLICIES]
@@ -111,9 +107,8 @@ def markdown(rows: list[dict[str, object]]) -> str:
         cells = ["-" if r[n] is None else
                  (f"**{r[n]:.3f}**" if r[n] == best else f"{r[n]:.3f}") for n in names]
         for rule in RULES:
-            points = r[f"{rule} points"]
-            cells.append("-" if points is None else
-                         f"{points:+.1f} (p = {_p(r[f'{rule} p'], r[f'{rule} p images'])})")
+            points, p = r[f"{rule} points"], format_p_pair(r[f"{rule} p"], r[f"{rule} p images"])
+            cells.append("-" if points is None else f"{points:+.1f} (p = {p})")
         lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines)
@@ -128,7 +123,7 @@ def no_fine_tuning_markdown(rows: list[dict[str, object]]) -> str:
             continue
         cells = [f"**{r[n]:.3f}**" if r[n] >= r[o] else f"{r[n]:.3f}"
                  for n, o in (("fixed", "0 steps"), ("0 steps", "fixed"))]
-        p = _p(r["0 steps p"], r["0 steps p images"])
+        p = format_p_pair(r["0 steps p"], r["0 steps p images"])
         lines.append(f"| {r['study']} | {r['method']} | {r['shots']} | {cells[0]} | {cells[1]} "
                      f"| {r['0 steps points']:+.1f} (p = {p}) | {r['0 steps wins']} |")
     return "\n".join(lines)

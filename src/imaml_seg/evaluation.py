@@ -370,6 +370,12 @@ def paired_wilcoxon(
     return float(stats.wilcoxon([a[d] for d in common], [b[d] for d in common]).pvalue)
 
 
+def format_p_pair(draws: float | None, images: float | None) -> str:
+    """A difference's two p-values as printed in tables: over draws / over test images, ``-``
+    for one that does not exist."""
+    return " / ".join("-" if p is None else f"{p:.2g}" for p in (draws, images))
+
+
 def paired_wilcoxon_images(
     records: list[dict], method: str, other: str, shots: int
 ) -> float | None:

@@ -68,6 +68,7 @@ from imaml_seg.evaluation import (
     AdaptedModel,
     TestTimeAugmented,
     evaluate,
+    format_p_pair,
     paired_wilcoxon,
     paired_wilcoxon_images,
     summarise,
@@ -867,7 +868,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         for ref in refs:
             key = f"{ref}_vs_{method}@{mid}"
             p, pi = (t.get(key) for t in (tests, image_tests))
-            cells.append("-" if p is None and pi is None else f"{_p(p)} / {_p(pi)}")
+            cells.append("-" if p is None and pi is None else format_p_pair(p, pi))
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     missing = [m for m in result["methods"] if m not in done]
     by_device: dict[str, list[str]] = {}
@@ -919,10 +920,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     if missing:
         note += f" Not run yet: {', '.join(missing)}."
     return head + "\n".join(rows) + "\n" + note + "\n"
-
-
-def _p(p: float | None) -> str:
-    return "-" if p is None else f"{p:.2g}"
 
 
 def update_readme(readme: Path, name: str, table: str) -> bool:
