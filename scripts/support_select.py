@@ -1,0 +1,161 @@
+"""Choose, per support set, the starting point that segments that support set best.
+
+The candidates are finished units scored without fine-tuning (``[eval] inner_steps = 0``): each
+predicts with its learned weights as they are, so none has seen the support set, and its Dice on
+the k support pairs is a held-out score that needs no labels beyond the shots.  For every draw
+the policy keeps the candidate with the best mean support Dice (the first listed among ties), and
+its score on that draw is the chosen unit's recorded score on the test images, so the policy is
+scored on exactly the draws and images of the units.  Typical candidates: checkpoints of one
+meta-training run and its warm start, whose scores without fine-tuning swing between checkpoints::
+
+    python scripts/support_select.py unseen_polyp_4x_seed2_zeroshot:transfer \\
+        unseen_polyp_4x_seed2_warm300:imaml_warm unseen_polyp_4x_seed2_zeroshot:imaml_warm \\
+        --shots 1 5 10
+
+prints, per shot count, each candidate's mean Dice and how often it was chosen, the policy's mean,
+and the policy against each candidate (points, paired Wilcoxon p over draws / over test images).
+Reads ``experiments/``, ``results/`` and the units' weights under ``runs/`` below ``--root``
+(default: the working directory), and the target's images from ``--data-root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imaml_seg.config import ConfigError
+from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays
+from imaml_seg.data.readers import data_root_from
+from imaml_seg.data.tasks import draw_support
+from imaml_seg.data.validate import DataError
+from imaml_seg.evaluation import format_p_pair, paired_wilcoxon, paired_wilcoxon_images
+from imaml_seg.experiment import Study, load_method
+from imaml_seg.meta.trainer import device_default
+from imaml_seg.metrics import dice
+
+POLICY = "policy"
+
+
+def choose(support_dice: list[float]) -> int:
+    """The index of the best support Dice (the first among ties)."""
+    return int(np.argmax(support_dice))
+
+
+def load_candidates(root: Path, units: list[str]) -> list[tuple[Study, str, dict]]:
+    """``(study, method, result JSON)`` of each ``STUDY:METHOD``; all must score the same draws
+    and none may have fine-tuned on its support set."""
+    out = []
+    for unit in units:
+        study_name, _, method = unit.partition(":")
+        if not method:
+            raise ConfigError(f"{unit}: expected STUDY:METHOD")
+        study = Study.from_file(root / "experiments" / f"{study_name}.toml")
+        path = root / "results" / study.name / f"{method}.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no finished unit {method} of study {study.name}")
+        payload = json.loads(path.read_text())
+        if payload.get("eval", {}).get("inner_steps") != 0:
+            raise ConfigError(
+                f"{path}: {unit} fine-tunes on its support set ([eval] inner_steps is not 0), "
+                "so its Dice on the support pairs is not a held-out score"
+            )
+        if out:
+            out[0][0].check_same_draws(study)
+        out.append((study, method, payload))
+    return out
+
+
+@torch.no_grad()
+def support_scores(
+    root: Path, candidates: list[tuple[Study, str, dict]], target: SegArrays, shots: list[int]
+) -> dict[tuple[int, int], list[float]]:
+    """``{(shots, draw): [each candidate's mean Dice on that draw's support pairs]}``."""
+    device = device_default()
+    wrappers = [
+        load_method(study, method, root / "runs" / (study.train_from or study.name), device)
+        for study, method, _ in candidates
+    ]
+    config = candidates[0][0].config
+    scores = {}
+    for k in shots:
+        for d in range(config.eval.draws):
+            x, y = draw_support(target, k, d, seed=config.seed,
+                                test_fraction=config.data.test_fraction,
+                                split_seed=config.data.split_seed)
+            scores[(k, d)] = [
+                float(dice((w.predict(x, y, x) > 0).float(), y).mean()) for w in wrappers
+            ]
+    return scores
+
+
+def select(
+    records: list[list[dict]], scores: dict[tuple[int, int], list[float]]
+) -> list[dict]:
+    """The candidates' records (method renamed ``c0``, ``c1``, ...) and the policy's: on each
+    scored draw, the record of the candidate :func:`choose` picks, with ``chosen`` its index."""
+    out = []
+    for i, unit in enumerate(records):
+        out += [{**r, "method": f"c{i}"} for r in unit]
+    by_key = {(r["method"], r["shots"], r["draw"]): r for r in out}
+    for (k, d), s in sorted(scores.items()):
+        i = choose(s)
+        if (f"c{i}", k, d) not in by_key:
+            raise ConfigError(f"candidate {i} has no record of {k}-shot draw {d}")
+        out.append({**by_key[(f"c{i}", k, d)], "method": POLICY, "chosen": i})
+    return out
+
+
+def table(units: list[str], records: list[dict], shots: list[int]) -> str:
+    """Markdown: per shot count and candidate, its mean Dice, the draws it was chosen on, and
+    the policy against it (points, p over draws / over test images)."""
+    lines = ["| shots | candidate | Dice | chosen on | policy - candidate (points) | "
+             "Wilcoxon p: draws / images |", "|---|---|---|---|---|---|"]
+    for k in shots:
+        policy = [r for r in records if r["method"] == POLICY and r["shots"] == k]
+        mean_policy = float(np.mean([r["dice"] for r in policy]))
+        for i, unit in enumerate(units):
+            mine = [r["dice"] for r in records if r["method"] == f"c{i}" and r["shots"] == k]
+            chosen = sum(r["chosen"] == i for r in policy)
+            points = 100 * (mean_policy - float(np.mean(mine)))
+            p = format_p_pair(paired_wilcoxon(records, POLICY, f"c{i}", k),
+                              paired_wilcoxon_images(records, POLICY, f"c{i}", k))
+            lines.append(f"| {k} | {unit} | {np.mean(mine):.3f} | {chosen}/{len(policy)} | "
+                         f"{points:+.1f} | {p} |")
+        lines.append(f"| {k} | **chosen on the support set** | **{mean_policy:.3f}** | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("units", nargs="+", help="STUDY:METHOD, at least two")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--data-root", help="folder holding the datasets (default: "
+                        "$IMAML_SEG_DATA)")
+    parser.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
+                        "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+    args = parser.parse_args(argv)
+    try:
+        if len(args.units) < 2:
+            raise ConfigError("give at least two units to choose between")
+        candidates = load_candidates(args.root, args.units)
+        config = candidates[0][0].config
+        target = load_arrays(config.target, config.data.resolution,
+                             data_root=data_root_from(args.data_root),
+                             cache_dir=cache_dir_from(args.cache_dir))
+        scores = support_scores(args.root, candidates, target, args.shots)
+        records = select([c[2]["records"] for c in candidates], scores)
+    except (ConfigError, DataError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table(args.units, records, args.shots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

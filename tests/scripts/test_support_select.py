@@ -1,0 +1,69 @@
+"""scripts/support_select.py: a starting point chosen per draw by its Dice on the support set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imaml_seg.config import ConfigError
+from imaml_seg.data.cache import load_arrays
+from imaml_seg.experiment import run_experiment
+from imaml_seg.meta.trainer import Paths
+from tests.scripts import load_script
+from tests.test_experiment import mini_study
+
+support_select = load_script("support_select")
+
+
+def record(method: str, draw: int, value: float) -> dict:
+    return {"method": method, "shots": 2, "draw": draw, "dice": value,
+            "dice_per_image": [value, value / 2]}
+
+
+def test_select_keeps_the_record_of_the_best_support_score_first_among_ties() -> None:
+    a = [record("transfer", 0, 0.5), record("transfer", 1, 0.6), record("transfer", 2, 0.7)]
+    b = [record("imaml", 0, 0.9), record("imaml", 1, 0.1), record("imaml", 2, 0.2)]
+    scores = {(2, 0): [0.3, 0.8], (2, 1): [0.4, 0.4], (2, 2): [0.9, 0.1]}
+    out = support_select.select([a, b], scores)
+    policy = {r["draw"]: r for r in out if r["method"] == support_select.POLICY}
+    assert [policy[d]["chosen"] for d in range(3)] == [1, 0, 0]
+    assert [policy[d]["dice"] for d in range(3)] == [0.9, 0.6, 0.7]
+    assert policy[0]["dice_per_image"] == [0.9, 0.45]
+    assert {r["method"] for r in out} == {"c0", "c1", support_select.POLICY}
+    with pytest.raises(ConfigError, match="no record of 2-shot draw 3"):
+        support_select.select([a, b], {(2, 3): [1.0, 0.0]})
+
+
+def test_script_scores_zero_shot_units_and_refuses_fine_tuned_ones(tmp_path, capsys) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1, 2], 3)
+    spec.write_text(spec.read_text().replace("draws = 3 }", "draws = 3, inner_steps = 0 }"))
+    run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
+    units = ["mini:transfer", "mini:imaml_warm"]
+    candidates = support_select.load_candidates(tmp_path, units)
+    config = candidates[0][0].config
+    target = load_arrays(config.target, config.data.resolution, data_root=None,
+                         cache_dir=tmp_path / "cache")
+    scores = support_select.support_scores(tmp_path, candidates, target, [1, 2])
+    assert set(scores) == {(k, d) for k in (1, 2) for d in range(3)}
+    assert all(len(s) == 2 and all(0 <= v <= 1 for v in s) for s in scores.values())
+    records = support_select.select([c[2]["records"] for c in candidates], scores)
+    saved = {(r["method"], r["shots"], r["draw"]): r["dice"] for r in records}
+    for r in (r for r in records if r["method"] == support_select.POLICY):
+        assert r["dice"] == saved[(f"c{r['chosen']}", r["shots"], r["draw"])]
+    assert support_select.main([*units, "--root", str(tmp_path), "--shots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | mini:imaml_warm |" in out and "chosen on the support set" in out
+    # A unit that fine-tunes on its shots has seen them: its support Dice is not held out.
+    tuned = spec.with_name("mini_tuned.toml")
+    tuned.write_text(spec.read_text().replace('name = "mini"', 'name = "mini_tuned"')
+                     .replace(", inner_steps = 0", ""))
+    results = tmp_path / "results" / "mini_tuned"
+    results.mkdir(parents=True)
+    payload = json.loads((tmp_path / "results" / "mini" / "transfer.json").read_text())
+    (results / "transfer.json").write_text(json.dumps({**payload, "eval": {"inner_steps": 5}}))
+    assert support_select.main(["mini:transfer", "mini_tuned:transfer", "--root",
+                                str(tmp_path)]) == 2
+    assert "not a held-out score" in capsys.readouterr().err
+
