@@ -14,8 +14,12 @@ meta-training run and its warm start, whose scores without fine-tuning swing bet
 
 prints, per shot count, each candidate's mean Dice and how often it was chosen, the policy's mean,
 and the policy against each candidate (points, paired Wilcoxon p over draws / over test images).
-Reads ``experiments/``, ``results/`` and the units' weights under ``runs/`` below ``--root``
-(default: the working directory), and the target's images from ``--data-root``.
+Reads ``experiments/`` and ``results/`` below ``--root`` (default: the working directory).  Each
+unit's support Dice per draw is saved beside its result (``results/<study>/<method>.support.json``)
+the first time, from its weights under ``runs/`` and the target's images (``--data-root``), so the
+table can be printed again without either.  ``--readme README.md`` writes it between
+``<!-- SUPPORTSELECT: ARGS -->`` and ``<!-- /SUPPORTSELECT -->`` (ARGS: the other arguments;
+tests/test_readme.py checks that they stay true).
 """
 
 from __future__ import annotations
@@ -28,17 +32,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imaml_seg.config import ConfigError
-from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays
-from imaml_seg.data.readers import data_root_from
-from imaml_seg.data.tasks import draw_support
-from imaml_seg.data.validate import DataError
-from imaml_seg.evaluation import format_p_pair, paired_wilcoxon, paired_wilcoxon_images
-from imaml_seg.experiment import Study, load_method
-from imaml_seg.meta.trainer import device_default
-from imaml_seg.metrics import dice
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_block  # noqa: E402
+
+from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays  # noqa: E402
+from imaml_seg.data.readers import data_root_from  # noqa: E402
+from imaml_seg.data.tasks import draw_support  # noqa: E402
+from imaml_seg.data.validate import DataError  # noqa: E402
+from imaml_seg.evaluation import format_p_pair, paired_wilcoxon, paired_wilcoxon_images  # noqa: E402
+from imaml_seg.experiment import Study, load_method  # noqa: E402
+from imaml_seg.meta.trainer import device_default  # noqa: E402
+from imaml_seg.metrics import dice  # noqa: E402
 
 POLICY = "policy"
+TAG = "SUPPORTSELECT"
+SUPPORT = ".support.json"
+"""Suffix of a unit's support Dice per draw (``results/<study>/<method>.support.json``)."""
 
 
 def choose(support_dice: list[float]) -> int:
@@ -71,26 +81,51 @@ def load_candidates(root: Path, units: list[str]) -> list[tuple[Study, str, dict
 
 
 @torch.no_grad()
-def support_scores(
-    root: Path, candidates: list[tuple[Study, str, dict]], target: SegArrays, shots: list[int]
-) -> dict[tuple[int, int], list[float]]:
-    """``{(shots, draw): [each candidate's mean Dice on that draw's support pairs]}``."""
-    device = device_default()
-    wrappers = [
-        load_method(study, method, root / "runs" / (study.train_from or study.name), device)
-        for study, method, _ in candidates
-    ]
-    config = candidates[0][0].config
-    scores = {}
+def unit_support_dice(
+    root: Path, study: Study, method: str, target: SegArrays, shots: list[int]
+) -> dict[str, float]:
+    """``{"<shots>:<draw>": mean Dice of the unit's prediction on that draw's support pairs}``,
+    from its weights (the draws as :func:`imaml_seg.evaluation.evaluate` makes them)."""
+    runs = root / "runs" / (study.train_from or study.name)
+    wrapper = load_method(study, method, runs, device_default())
+    config = study.config
+    out = {}
     for k in shots:
         for d in range(config.eval.draws):
             x, y = draw_support(target, k, d, seed=config.seed,
                                 test_fraction=config.data.test_fraction,
                                 split_seed=config.data.split_seed)
-            scores[(k, d)] = [
-                float(dice((w.predict(x, y, x) > 0).float(), y).mean()) for w in wrappers
-            ]
-    return scores
+            out[f"{k}:{d}"] = float(dice((wrapper.predict(x, y, x) > 0).float(), y).mean())
+    return out
+
+
+def support_scores(
+    root: Path,
+    candidates: list[tuple[Study, str, dict]],
+    shots: list[int],
+    load_target=None,
+) -> dict[tuple[int, int], list[float]]:
+    """``{(shots, draw): [each candidate's mean Dice on that draw's support pairs]}``, read from
+    each unit's ``.support.json``; missing ones are computed (``load_target()`` gives the target's
+    arrays) and saved."""
+    per_unit = []
+    for study, method, _ in candidates:
+        path = root / "results" / study.name / f"{method}{SUPPORT}"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [k for k in shots if f"{k}:0" not in saved]
+        if missing:
+            if load_target is None:
+                raise ConfigError(f"{path}: no support Dice of {missing}-shot draws saved")
+            if not (root / "runs" / (study.train_from or study.name) / method).is_dir():
+                raise ConfigError(f"{study.name}:{method}: no weights under runs/ to score its "
+                                  f"support sets ({path} lacks {missing}-shot draws)")
+            saved |= unit_support_dice(root, study, method, load_target(), missing)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=0, sort_keys=True) + "\n")
+            tmp.replace(path)
+        per_unit.append(saved)
+    draws = candidates[0][0].config.eval.draws
+    return {(k, d): [u[f"{k}:{d}"] for u in per_unit] for k in shots for d in range(draws)}
 
 
 def select(
@@ -130,31 +165,44 @@ def table(units: list[str], records: list[dict], shots: list[int]) -> str:
     return "\n".join(lines)
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("units", nargs="+", help="STUDY:METHOD, at least two")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--root", type=Path, default=Path("."))
+    p.add_argument("--readme", type=Path, help="write the table into this README's block")
+    p.add_argument("--data-root", help="folder holding the datasets (default: $IMAML_SEG_DATA)")
+    p.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
+                   "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+    return p
+
+
+def make(args: argparse.Namespace, *, compute: bool = True) -> str:
+    """The table for ``args``; with ``compute=False`` only from saved support scores."""
+    if len(args.units) < 2:
+        raise ConfigError("give at least two units to choose between")
+    candidates = load_candidates(args.root, args.units)
+    config = candidates[0][0].config
+
+    def load_target() -> SegArrays:
+        try:
+            return load_arrays(config.target, config.data.resolution,
+                               data_root=data_root_from(args.data_root),
+                               cache_dir=cache_dir_from(args.cache_dir))
+        except DataError as err:
+            raise ConfigError(str(err)) from err
+
+    scores = support_scores(args.root, candidates, args.shots, load_target if compute else None)
+    return table(args.units, select([c[2]["records"] for c in candidates], scores), args.shots)
+
+
+def readme_blocks(text: str) -> list[tuple[list[str], str]]:
+    """The README's support-selection tables: each one's arguments and body."""
+    return readme_block.blocks(text, TAG)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("units", nargs="+", help="STUDY:METHOD, at least two")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
-    parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--data-root", help="folder holding the datasets (default: "
-                        "$IMAML_SEG_DATA)")
-    parser.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
-                        "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
-    args = parser.parse_args(argv)
-    try:
-        if len(args.units) < 2:
-            raise ConfigError("give at least two units to choose between")
-        candidates = load_candidates(args.root, args.units)
-        config = candidates[0][0].config
-        target = load_arrays(config.target, config.data.resolution,
-                             data_root=data_root_from(args.data_root),
-                             cache_dir=cache_dir_from(args.cache_dir))
-        scores = support_scores(args.root, candidates, target, args.shots)
-        records = select([c[2]["records"] for c in candidates], scores)
-    except (ConfigError, DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(table(args.units, records, args.shots))
-    return 0
+    return readme_block.run(argv, parser(), make, TAG)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,20 @@ def test_script_scores_zero_shot_units_and_refuses_fine_tuned_ones(tmp_path, cap
     units = ["mini:transfer", "mini:imaml_warm"]
     candidates = support_select.load_candidates(tmp_path, units)
     config = candidates[0][0].config
-    target = load_arrays(config.target, config.data.resolution, data_root=None,
-                         cache_dir=tmp_path / "cache")
-    scores = support_select.support_scores(tmp_path, candidates, target, [1, 2])
+
+    def load_target():
+        return load_arrays(config.target, config.data.resolution, data_root=None,
+                           cache_dir=tmp_path / "cache")
+
+    with pytest.raises(ConfigError, match="no support Dice of \\[1, 2\\]-shot draws saved"):
+        support_select.support_scores(tmp_path, candidates, [1, 2])
+    scores = support_select.support_scores(tmp_path, candidates, [1, 2], load_target)
     assert set(scores) == {(k, d) for k in (1, 2) for d in range(3)}
     assert all(len(s) == 2 and all(0 <= v <= 1 for v in s) for s in scores.values())
+    # Saved beside each unit's result: printed again without weights or images.
+    assert (tmp_path / "results" / "mini" / "imaml_warm.support.json").is_file()
+    shutil.rmtree(tmp_path / "runs")
+    assert support_select.support_scores(tmp_path, candidates, [1, 2]) == scores
     records = support_select.select([c[2]["records"] for c in candidates], scores)
     saved = {(r["method"], r["shots"], r["draw"]): r["dice"] for r in records}
     for r in (r for r in records if r["method"] == support_select.POLICY):
@@ -66,4 +76,7 @@ def test_script_scores_zero_shot_units_and_refuses_fine_tuned_ones(tmp_path, cap
     assert support_select.main(["mini:transfer", "mini_tuned:transfer", "--root",
                                 str(tmp_path)]) == 2
     assert "not a held-out score" in capsys.readouterr().err
+    # 10 shots were never scored, and the weights are gone: refused, naming what is missing.
+    assert support_select.main([*units, "--root", str(tmp_path), "--shots", "10"]) == 2
+    assert "no weights under runs/" in capsys.readouterr().err
 
