@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
 
+from imaml_seg.baselines import BASELINES  # noqa: E402
 from imaml_seg.config import ConfigError  # noqa: E402
 from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays  # noqa: E402
 from imaml_seg.data.readers import data_root_from  # noqa: E402
@@ -64,6 +65,9 @@ def load_candidates(root: Path, units: list[str]) -> list[tuple[Study, str, dict
         study_name, _, method = unit.partition(":")
         if not method:
             raise ConfigError(f"{unit}: expected STUDY:METHOD")
+        if method in BASELINES:
+            raise ConfigError(f"{unit}: {method} reads its support set as an input, so its Dice "
+                              "on the support pairs is not a held-out score")
         study = Study.from_file(root / "experiments" / f"{study_name}.toml")
         path = root / "results" / study.name / f"{method}.json"
         if not path.is_file():

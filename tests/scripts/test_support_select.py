@@ -76,6 +76,8 @@ def test_script_scores_zero_shot_units_and_refuses_fine_tuned_ones(tmp_path, cap
     assert support_select.main(["mini:transfer", "mini_tuned:transfer", "--root",
                                 str(tmp_path)]) == 2
     assert "not a held-out score" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="reads its support set as an input"):
+        support_select.load_candidates(tmp_path, ["mini:transfer", "mini:prototype"])
     # 10 shots were never scored, and the weights are gone: refused, naming what is missing.
     assert support_select.main([*units, "--root", str(tmp_path), "--shots", "10"]) == 2
     assert "no weights under runs/" in capsys.readouterr().err
