@@ -222,7 +222,10 @@ def test_adapted_model_with_support_cv_records_the_steps_it_chose() -> None:
         == "one_se"
     x, y = _signed_pairs(True, False)
     phi = wrapper.adapt(x, y)
-    assert wrapper.choice == {"inner_steps": 0}
+    assert wrapper.choice["inner_steps"] == 0
+    # ... with every candidate's mean held-out Dice, the chosen one the best.
+    cv = wrapper.choice["cv_dice"]
+    assert set(cv) == {"0", "3", "7", "15", "30"} and cv["0"] == max(cv.values())
     assert all(torch.equal(phi[k], theta[k]) for k in theta)
     # One shot cannot be split: it adapts the most steps.
     one = wrapper.adapt(x[:1], y[:1])

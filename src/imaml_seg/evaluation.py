@@ -67,8 +67,9 @@ class AdaptedModel:
     """How :func:`choose_steps` picks among the step counts (one of ``SUPPORT_CV_RULES``); with
     one support pair there is nothing to hold out, and ``steps`` is taken."""
     choice: dict[str, Any] = field(default_factory=dict, init=False)
-    """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``); recorded
-    with each draw's scores."""
+    """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``, and
+    ``"cv_dice"``: each candidate step count's mean held-out Dice); recorded with each draw's
+    scores."""
 
     @classmethod
     def from_config(
@@ -101,8 +102,9 @@ class AdaptedModel:
         support_x, support_y = support_x.to(self.device), support_y.to(self.device)
         steps = self.steps
         if self.support_cv:
+            held_out: dict[int, float] = {}
             if len(support_x) >= 2:
-                steps, _ = support_cv_steps(
+                steps, held_out = support_cv_steps(
                     self.model,
                     self.theta,
                     support_x,
@@ -114,6 +116,8 @@ class AdaptedModel:
                     rule=self.support_cv_rule,
                 )
             self.choice = {"inner_steps": steps}
+            if held_out:
+                self.choice["cv_dice"] = {str(c): round(v, 5) for c, v in held_out.items()}
         return adapt(
             self.model,
             self.theta,
