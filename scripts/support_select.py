@@ -1,12 +1,18 @@
-"""Choose, per support set, the starting point that segments that support set best.
+"""Choose, per support set, the starting point (and steps) that does best on that support set.
 
-The candidates are finished units scored without fine-tuning (``[eval] inner_steps = 0``): each
-predicts with its learned weights as they are, so none has seen the support set, and its Dice on
-the k support pairs is a held-out score that needs no labels beyond the shots.  For every draw
-the policy keeps the candidate with the best mean support Dice (the first listed among ties), and
-its score on that draw is the chosen unit's recorded score on the test images, so the policy is
+Two kinds of candidates, both finished units.  One scored without fine-tuning (``[eval]
+inner_steps = 0``) predicts with its learned weights as they are, so it has not seen the support
+set, and its Dice on the k support pairs is a held-out score that needs no labels beyond the
+shots; it is computed from the unit's weights.  One scored with support cross-validation's
+best-mean rule (``support_cv = true``) recorded each candidate step count's mean held-out Dice
+per draw (``cv_dice``), and its score is the best of them, the steps it took.  Without
+fine-tuning a unit's held-out Dice over the folds is its support Dice, so both kinds compare
+alike: the policy is support cross-validation over every (starting point, steps) pair.  For
+every draw it keeps the candidate with the best score (the first listed among ties), and its
+score on that draw is the chosen unit's recorded score on the test images, so the policy is
 scored on exactly the draws and images of the units.  Typical candidates: checkpoints of one
-meta-training run and its warm start, whose scores without fine-tuning swing between checkpoints::
+meta-training run and its warm start, whose scores without fine-tuning swing between
+checkpoints::
 
     python scripts/support_select.py unseen_polyp_4x_seed2_zeroshot:transfer \\
         unseen_polyp_4x_seed2_warm300:imaml_warm unseen_polyp_4x_seed2_zeroshot:imaml_warm \\
@@ -14,12 +20,13 @@ meta-training run and its warm start, whose scores without fine-tuning swing bet
 
 prints, per shot count, each candidate's mean Dice and how often it was chosen, the policy's mean,
 and the policy against each candidate (points, paired Wilcoxon p over draws / over test images).
-Reads ``experiments/`` and ``results/`` below ``--root`` (default: the working directory).  Each
-unit's support Dice per draw is saved beside its result (``results/<study>/<method>.support.json``)
-the first time, from its weights under ``runs/`` and the target's images (``--data-root``), so the
-table can be printed again without either.  ``--readme README.md`` writes it between
-``<!-- SUPPORTSELECT: ARGS -->`` and ``<!-- /SUPPORTSELECT -->`` (ARGS: the other arguments;
-tests/test_readme.py checks that they stay true).
+Reads ``experiments/`` and ``results/`` below ``--root`` (default: the working directory).  The
+support Dice of a unit without fine-tuning is saved beside its result
+(``results/<study>/<method>.support.json``) the first time, from its weights under ``runs/`` and
+the target's images (``--data-root``), so the table can be printed again without either.
+``--readme README.md`` writes it between ``<!-- SUPPORTSELECT: ARGS -->`` and ``<!--
+/SUPPORTSELECT -->`` (ARGS: the other arguments; tests/test_readme.py checks that they stay
+true).
 """
 
 from __future__ import annotations
@@ -73,10 +80,12 @@ def load_candidates(root: Path, units: list[str]) -> list[tuple[Study, str, dict
         if not path.is_file():
             raise ConfigError(f"{path}: no finished unit {method} of study {study.name}")
         payload = json.loads(path.read_text())
-        if payload.get("eval", {}).get("inner_steps") != 0:
+        ev = payload.get("eval", {})
+        cross_validated = ev.get("support_cv") and ev.get("support_cv_rule", "best") == "best"
+        if ev.get("inner_steps") != 0 and not cross_validated:
             raise ConfigError(
-                f"{path}: {unit} fine-tunes on its support set ([eval] inner_steps is not 0), "
-                "so its Dice on the support pairs is not a held-out score"
+                f"{path}: {unit} fine-tunes on its support set ([eval] inner_steps is not 0) "
+                "without support CV's best-mean rule, so it has no held-out score on it"
             )
         if out:
             out[0][0].check_same_draws(study)
@@ -103,17 +112,37 @@ def unit_support_dice(
     return out
 
 
+def cv_scores(study: Study, method: str, records: list[dict], shots: list[int]
+              ) -> dict[str, float]:
+    """``{"<shots>:<draw>": best mean held-out Dice}`` of a unit scored with support CV."""
+    out = {}
+    for r in records:
+        if r["shots"] in shots:
+            if "cv_dice" not in r:
+                raise ConfigError(
+                    f"{study.name}:{method}: no held-out Dice recorded for {r['shots']}-shot "
+                    "draws (one shot cannot be split; units scored before session 21 did not "
+                    "record it: score them again)"
+                )
+            out[f"{r['shots']}:{r['draw']}"] = max(r["cv_dice"].values())
+    return out
+
+
 def support_scores(
     root: Path,
     candidates: list[tuple[Study, str, dict]],
     shots: list[int],
     load_target=None,
 ) -> dict[tuple[int, int], list[float]]:
-    """``{(shots, draw): [each candidate's mean Dice on that draw's support pairs]}``, read from
-    each unit's ``.support.json``; missing ones are computed (``load_target()`` gives the target's
-    arrays) and saved."""
+    """``{(shots, draw): [each candidate's held-out score on that draw's support set]}``: for a
+    unit with support CV its best mean held-out Dice, else its mean Dice on the support pairs,
+    read from its ``.support.json``; missing ones are computed (``load_target()`` gives the
+    target's arrays) and saved."""
     per_unit = []
-    for study, method, _ in candidates:
+    for study, method, payload in candidates:
+        if payload["eval"]["inner_steps"] != 0:
+            per_unit.append(cv_scores(study, method, payload["records"], shots))
+            continue
         path = root / "results" / study.name / f"{method}{SUPPORT}"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         missing = [k for k in shots if f"{k}:0" not in saved]

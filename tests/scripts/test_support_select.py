@@ -75,10 +75,48 @@ def test_script_scores_zero_shot_units_and_refuses_fine_tuned_ones(tmp_path, cap
     (results / "transfer.json").write_text(json.dumps({**payload, "eval": {"inner_steps": 5}}))
     assert support_select.main(["mini:transfer", "mini_tuned:transfer", "--root",
                                 str(tmp_path)]) == 2
-    assert "not a held-out score" in capsys.readouterr().err
+    assert "has no held-out score on it" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="reads its support set as an input"):
         support_select.load_candidates(tmp_path, ["mini:transfer", "mini:prototype"])
     # 10 shots were never scored, and the weights are gone: refused, naming what is missing.
     assert support_select.main([*units, "--root", str(tmp_path), "--shots", "10"]) == 2
     assert "no weights under runs/" in capsys.readouterr().err
 
+
+
+def test_support_cv_units_compete_by_their_best_held_out_dice(tmp_path, capsys) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1, 2], 3)
+    spec.write_text(spec.read_text().replace("draws = 3 }", "draws = 3, inner_steps = 0 }"))
+    cv = spec.with_name("mini_cv.toml")
+    cv.write_text(spec.read_text().replace('name = "mini"', 'name = "mini_cv"\ntrain_from = "mini"')
+                  .replace("inner_steps = 0 }", "inner_steps = 3, support_cv = true }"))
+    for study in (spec, cv):
+        run_experiment(study, Paths(Path(".")), quiet=True, figures=False)
+    candidates = support_select.load_candidates(tmp_path, ["mini:transfer", "mini_cv:transfer",
+                                                           "mini_cv:imaml_warm"])
+    config = candidates[0][0].config
+
+    def load_target():
+        return load_arrays(config.target, config.data.resolution, data_root=None,
+                           cache_dir=tmp_path / "cache")
+
+    scores = support_select.support_scores(tmp_path, candidates, [2], load_target)
+    records = json.loads((tmp_path / "results" / "mini_cv" / "transfer.json").read_text())
+    for r in (r for r in records["records"] if r["shots"] == 2):
+        zero_shot, best_cv, _ = scores[(2, r["draw"])]
+        assert best_cv == max(r["cv_dice"].values())
+        # Held out fold by fold, the weights as they are score their support Dice.
+        assert r["cv_dice"]["0"] == pytest.approx(zero_shot, abs=1e-5)
+    # One shot cannot be split: support CV has no held-out score for it.
+    with pytest.raises(ConfigError, match="no held-out Dice recorded for 1-shot draws"):
+        support_select.support_scores(tmp_path, candidates, [1], load_target)
+    one_se = cv.with_name("mini_onese.toml")
+    rule = 'support_cv = true, support_cv_rule = "one_se"'
+    one_se.write_text(cv.read_text().replace('name = "mini_cv"', 'name = "mini_onese"')
+                      .replace("support_cv = true", rule))
+    (tmp_path / "results" / "mini_onese").mkdir()
+    payload = json.loads((tmp_path / "results" / "mini_cv" / "transfer.json").read_text())
+    payload["eval"]["support_cv_rule"] = "one_se"
+    (tmp_path / "results" / "mini_onese" / "transfer.json").write_text(json.dumps(payload))
+    with pytest.raises(ConfigError, match="has no held-out score on it"):
+        support_select.load_candidates(tmp_path, ["mini:transfer", "mini_onese:transfer"])
