@@ -64,3 +64,14 @@ def test_budget_tables_in_the_readme_match_their_results() -> None:
     for args, block in blocks:
         parsed = budget_table.parser().parse_args([*args, "--root", str(REPO)])
         assert block == budget_table.table(parsed), f"README budget table {args} is stale"
+
+
+def test_support_selection_tables_in_the_readme_match_their_results() -> None:
+    support_select = load_script("support_select")
+    blocks = support_select.readme_blocks((REPO / "README.md").read_text())
+    assert blocks, "the README has no support-selection table"
+    for args, block in blocks:
+        parsed = support_select.parser().parse_args([*args, "--root", str(REPO)])
+        assert block == support_select.make(parsed, compute=False) + "\n", (
+            f"README support-selection table {args} is stale"
+        )
