@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ def support_scores(
     root: Path,
     candidates: list[tuple[Study, str, dict]],
     shots: list[int],
-    load_target=None,
+    load_target: Callable[[], SegArrays] | None = None,
 ) -> dict[tuple[int, int], list[float]]:
     """``{(shots, draw): [each candidate's held-out score on that draw's support set]}``: for a
     unit with support CV its best mean held-out Dice, else its mean Dice on the support pairs,
@@ -158,6 +159,10 @@ def support_scores(
             tmp.replace(path)
         per_unit.append(saved)
     draws = candidates[0][0].config.eval.draws
+    for (study, method, _), unit in zip(candidates, per_unit, strict=True):
+        lacking = [f"{k}:{d}" for k in shots for d in range(draws) if f"{k}:{d}" not in unit]
+        if lacking:
+            raise ConfigError(f"{study.name}:{method}: no score of (shots:draw) {lacking[:3]}")
     return {(k, d): [u[f"{k}:{d}"] for u in per_unit] for k in shots for d in range(draws)}
 
 

@@ -107,6 +107,8 @@ def test_support_cv_units_compete_by_their_best_held_out_dice(tmp_path, capsys) 
         assert best_cv == max(r["cv_dice"].values())
         # Held out fold by fold, the weights as they are score their support Dice.
         assert r["cv_dice"]["0"] == pytest.approx(zero_shot, abs=1e-5)
+    with pytest.raises(ConfigError, match=r"mini_cv:transfer: no score of \(shots:draw\)"):
+        support_select.support_scores(tmp_path, candidates[1:2], [4])
     # One shot cannot be split: support CV has no held-out score for it.
     with pytest.raises(ConfigError, match="no held-out Dice recorded for 1-shot draws"):
         support_select.support_scores(tmp_path, candidates, [1], load_target)
