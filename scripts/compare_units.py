@@ -31,24 +31,32 @@ from imaml_seg.evaluation import paired_wilcoxon, paired_wilcoxon_images
 from imaml_seg.experiment import Study
 
 
+def unit_study(root: Path, unit: str) -> tuple[Study, str]:
+    """The study (``experiments/<STUDY>.toml``) and method of ``STUDY:METHOD``."""
+    study_name, _, method = unit.partition(":")
+    if not method:
+        raise ConfigError(f"{unit}: expected STUDY:METHOD")
+    return Study.from_file(root / "experiments" / f"{study_name}.toml"), method
+
+
+def unit_result(root: Path, study: Study, method: str) -> dict:
+    """The result JSON of a finished unit (``results/<study>/<method>.json``)."""
+    result = root / "results" / study.name / f"{method}.json"
+    if not result.is_file():
+        raise ConfigError(f"{result}: no finished unit {method} of study {study.name}")
+    return json.loads(result.read_text())
+
+
 def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, object]]:
     """One row per shot count: means over the shared draws, difference, Wilcoxon p over draws,
     ``p_images`` (Wilcoxon over test images of each image's Dice averaged over the shared draws;
     None without a difference) and ``a_higher``, the draws where ``a`` scores higher."""
-    units = []
-    for unit in (a, b):
-        study_name, _, method = unit.partition(":")
-        if not method:
-            raise ConfigError(f"{unit}: expected STUDY:METHOD")
-        units.append((Study.from_file(root / "experiments" / f"{study_name}.toml"), method))
+    units = [unit_study(root, unit) for unit in (a, b)]
     (sa, _), (sb, _) = units
     sa.check_same_draws(sb)
     records = []  # both units' records, their method renamed "a" and "b"
     for (study, method), label in zip(units, "ab", strict=True):
-        result = root / "results" / study.name / f"{method}.json"
-        if not result.is_file():
-            raise ConfigError(f"{result}: no finished unit {method} of study {study.name}")
-        records += [{**r, "method": label} for r in json.loads(result.read_text())["records"]]
+        records += [{**r, "method": label} for r in unit_result(root, study, method)["records"]]
     rows = []
     for k in shots:
         da = {r["draw"]: r["dice"] for r in records if r["method"] == "a" and r["shots"] == k}

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
+from compare_units import unit_result, unit_study  # noqa: E402
 
 from imaml_seg.baselines import BASELINES  # noqa: E402
 from imaml_seg.config import ConfigError  # noqa: E402
@@ -70,17 +71,12 @@ def load_candidates(root: Path, units: list[str]) -> list[tuple[Study, str, dict
     and none may have fine-tuned on its support set."""
     out = []
     for unit in units:
-        study_name, _, method = unit.partition(":")
-        if not method:
-            raise ConfigError(f"{unit}: expected STUDY:METHOD")
+        study, method = unit_study(root, unit)
         if method in BASELINES:
             raise ConfigError(f"{unit}: {method} reads its support set as an input, so its Dice "
                               "on the support pairs is not a held-out score")
-        study = Study.from_file(root / "experiments" / f"{study_name}.toml")
+        payload = unit_result(root, study, method)
         path = root / "results" / study.name / f"{method}.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no finished unit {method} of study {study.name}")
-        payload = json.loads(path.read_text())
         ev = payload.get("eval", {})
         cross_validated = ev.get("support_cv") and ev.get("support_cv_rule", "best") == "best"
         if ev.get("inner_steps") != 0 and not cross_validated:
@@ -96,11 +92,11 @@ def load_candidates(root: Path, units: list[str]) -> list[tuple[Study, str, dict
 
 @torch.no_grad()
 def unit_support_dice(
-    root: Path, study: Study, method: str, target: SegArrays, shots: list[int]
+    runs: Path, study: Study, method: str, target: SegArrays, shots: list[int]
 ) -> dict[str, float]:
     """``{"<shots>:<draw>": mean Dice of the unit's prediction on that draw's support pairs}``,
-    from its weights (the draws as :func:`imaml_seg.evaluation.evaluate` makes them)."""
-    runs = root / "runs" / (study.train_from or study.name)
+    from its weights under ``runs`` (the draws as :func:`imaml_seg.evaluation.evaluate` makes
+    them)."""
     wrapper = load_method(study, method, runs, device_default())
     config = study.config
     out = {}
@@ -150,10 +146,11 @@ def support_scores(
         if missing:
             if load_target is None:
                 raise ConfigError(f"{path}: no support Dice of {missing}-shot draws saved")
-            if not (root / "runs" / (study.train_from or study.name) / method).is_dir():
+            runs = root / "runs" / (study.train_from or study.name)
+            if not (runs / method).is_dir():
                 raise ConfigError(f"{study.name}:{method}: no weights under runs/ to score its "
                                   f"support sets ({path} lacks {missing}-shot draws)")
-            saved |= unit_support_dice(root, study, method, load_target(), missing)
+            saved |= unit_support_dice(runs, study, method, load_target(), missing)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(saved, indent=0, sort_keys=True) + "\n")
             tmp.replace(path)
