@@ -101,6 +101,11 @@ class MetaConfig:
     most this global L2 norm before the update; None leaves it as is.  One spike otherwise
     inflates Adam's second-moment estimate and shrinks every later step for ~1/(1 - beta2)
     steps."""
+    start_weight: float = 0.0
+    """Weight ``w`` of the query loss at ``theta`` itself (the start, zero inner steps) in the
+    meta-objective ``L_query(phi(theta)) + w L_query(theta)`` of iMAML, MAML and FOMAML, so
+    that the learned start segments without adaptation too; 0 is the plain meta-objective.
+    Reptile, which has no meta-gradient, refuses a non-zero weight."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,11 @@ def validate(config: RunConfig) -> None:
             "inner.inner_lr * inner.lam must be < 2, or proximal SGD diverges",
         ),
         (config.meta.meta_batch_size >= 1, "meta.meta_batch_size must be >= 1"),
+        (config.meta.start_weight >= 0, "meta.start_weight must be >= 0"),
+        (
+            config.meta.start_weight == 0 or config.meta.algorithm != "reptile",
+            "meta.start_weight needs a meta-gradient (imaml, maml, fomaml); Reptile has none",
+        ),
         (
             config.meta.max_grad_norm is None or config.meta.max_grad_norm > 0,
             "meta.max_grad_norm must be > 0",

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 from torch.func import grad
 
-from imaml_seg.config import ImplicitConfig, InnerConfig, ModelConfig, RunConfig
+from imaml_seg.config import (
+    ConfigError,
+    ImplicitConfig,
+    InnerConfig,
+    MetaConfig,
+    ModelConfig,
+    RunConfig,
+    validate,
+)
 from imaml_seg.data.tasks import Task
 from imaml_seg.losses import dice_bce_loss
 from imaml_seg.meta.algorithms import (
@@ -234,6 +243,38 @@ def test_every_algorithm_runs_on_a_unet(blobs, algorithm: str, hessian: str) -> 
         curvature = ggn_curvature(bce_output_loss)
         bce = meta_gradient(algorithm, model, theta, task, config, output_curvature=curvature)
         assert bce.ok and all_finite(bce.grad)
+
+
+@pytest.mark.parametrize("algorithm", ["imaml", "maml", "fomaml"])
+def test_start_weight_adds_the_starts_own_query_gradient(tiny_net, blobs, algorithm) -> None:
+    """Objective ``Lq(phi(theta)) + w Lq(theta)``: the plain meta-gradient plus ``w`` times the
+    query gradient at theta itself (by autograd on a leaf copy)."""
+    net = tiny_net()
+    theta = get_params(net)
+    task = _tiny_task(blobs)
+    plain = _config(inner_steps=3, inner_lr=0.2)
+    weighted = replace(plain, meta=replace(plain.meta, start_weight=0.7))
+    base = meta_gradient(algorithm, net, theta, task, plain)
+    result = meta_gradient(algorithm, net, theta, task, weighted)
+    leaf = {k: t.clone().requires_grad_() for k, t in theta.items()}
+    start_loss = dice_bce_loss(forward(net, leaf, task.query_x), task.query_y)
+    start_loss.backward()
+    assert base.ok and result.ok
+    assert "start_query_loss" not in base.stats
+    assert result.stats["start_query_loss"] == pytest.approx(float(start_loss.detach()))
+    assert result.query_loss == base.query_loss
+    for k in theta:
+        torch.testing.assert_close(result.grad[k], base.grad[k] + 0.7 * leaf[k].grad)
+
+
+def test_start_weight_is_refused_for_reptile(tiny_net, blobs) -> None:
+    config = RunConfig(meta=MetaConfig(algorithm="reptile", start_weight=1.0))
+    with pytest.raises(ConfigError, match="start_weight needs a meta-gradient"):
+        validate(config)
+    validate(replace(config, meta=replace(config.meta, start_weight=0.0)))
+    net = tiny_net()
+    with pytest.raises(ValueError, match="Reptile has none"):
+        meta_gradient("reptile", net, get_params(net), _tiny_task(blobs), config)
 
 
 def test_supervised_grad_matches_autograd(tiny_net, blobs) -> None:

@@ -49,7 +49,8 @@ class MetaGradResult:
     """Diagnostics: inner_initial_loss, inner_final_loss, inner_status; for iMAML cg_residual
     (relative residual of the returned solution), cg_residual_last, cg_iterations, cg_status;
     when ``ok`` is False, reason ('inner_nonfinite', 'query_nonfinite', 'grad_nonfinite',
-    'cg_nonfinite' or 'cg_no_progress')."""
+    'cg_nonfinite', 'cg_no_progress' or 'start_nonfinite'); start_query_loss with
+    ``meta.start_weight``."""
     ok: bool = True
     """False when the task must be skipped (non-finite loss, gradient or solve, or a CG solve
     that never improved on its zero start)."""
@@ -103,17 +104,36 @@ def meta_gradient(
     ``config.implicit.hessian == 'ggn'``, ``output_curvature(support_y)`` gives the output-space
     curvature of the Gauss-Newton product (default ``ggn_curvature(loss_fn)``).  Never returns
     non-finite numbers: on failure ``ok`` is False and the gradient is zeros.
+
+    With ``config.meta.start_weight = w > 0`` the gradient of ``w L_query(theta)`` (the query
+    loss of the start itself) is added, and ``stats['start_query_loss']`` records that loss.
     """
     if algorithm == "imaml":
         curvature = output_curvature or ggn_curvature(loss_fn)
-        return _imaml(model, theta, task, config, loss_fn, curvature)
-    if algorithm == "maml":
-        return _maml(model, theta, task, config, loss_fn)
-    if algorithm == "fomaml":
-        return _fomaml(model, theta, task, config, loss_fn)
+        result = _imaml(model, theta, task, config, loss_fn, curvature)
+    elif algorithm == "maml":
+        result = _maml(model, theta, task, config, loss_fn)
+    elif algorithm == "fomaml":
+        result = _fomaml(model, theta, task, config, loss_fn)
+    elif algorithm == "reptile":
+        result = _reptile(model, theta, task, config, loss_fn)
+    else:
+        raise ValueError(
+            f"unknown meta-learning algorithm '{algorithm}' (one of {META_ALGORITHMS})"
+        )
+    weight = config.meta.start_weight
+    if weight == 0 or not result.ok:
+        return result
     if algorithm == "reptile":
-        return _reptile(model, theta, task, config, loss_fn)
-    raise ValueError(f"unknown meta-learning algorithm '{algorithm}' (one of {META_ALGORITHMS})")
+        raise ValueError("meta.start_weight needs a meta-gradient; Reptile has none")
+    start = {k: t.detach() for k, t in theta.items()}
+    g, loss = _query_grad(model, start, task, loss_fn)
+    if not (math.isfinite(loss) and all_finite(g)):
+        query, support = result.query_loss, result.support_loss
+        return _failed(theta, query, support, result.stats, "start_nonfinite")
+    result.stats["start_query_loss"] = loss
+    result.grad = {k: result.grad[k] + weight * g[k] for k in result.grad}
+    return result
 
 
 def _inner_stats(result: AdaptResult) -> dict[str, float | str]:

@@ -335,9 +335,8 @@ def _meta_step(
     """Average this meta-batch's finite task meta-gradients over all ranks."""
     leaf = {k: v.detach().requires_grad_(config.meta.algorithm == "maml") for k, v in theta.items()}
     total = {k: torch.zeros_like(v) for k, v in theta.items()}
-    sums = torch.zeros(
-        4, dtype=torch.float64, device=device
-    )  # ok tasks, query loss, cg res, skipped
+    # ok tasks, query loss, cg residual, skipped, start query loss
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     for index in world.my_tasks(config.meta.meta_batch_size):
         task = sampler.sample(step, index)
         task = type(task)(
@@ -357,6 +356,7 @@ def _meta_step(
         sums[0] += 1
         sums[1] += result.query_loss
         sums[2] += float(result.stats.get("cg_residual", 0.0))
+        sums[4] += float(result.stats.get("start_query_loss", 0.0))
     tensors = list(total.values()) + [sums]
     all_reduce_sum(tensors, world)
     ok, skipped = int(sums[0].item()), int(sums[3].item())
@@ -366,6 +366,8 @@ def _meta_step(
     record["query_loss"] = sums[1].item() / ok
     if config.meta.algorithm == "imaml":
         record["cg_residual"] = sums[2].item() / ok
+    if config.meta.start_weight > 0:
+        record["start_query_loss"] = sums[4].item() / ok
     grad = {k: v / ok for k, v in total.items()}
     if not all(torch.isfinite(v).all() for v in grad.values()) or not math.isfinite(
         record["query_loss"]
