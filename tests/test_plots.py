@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from imaml_seg.plots import dice_vs_shots, overlay, overlay_grid
+from imaml_seg.plots import dice_vs_shots, learning_curves, overlay, overlay_grid
 
 
 def test_overlay_marks_prediction_green_and_truth_outline_red():
@@ -40,3 +40,18 @@ def test_overlay_grid_keeps_the_colours_of_masks(tmp_path):
     red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
     green = (rgb[:, 1] > rgb[:, 0] + 40) & (rgb[:, 1] > rgb[:, 2] + 40)
     assert red.any() and green.any()
+
+
+def test_learning_curves_draw_the_starts_query_loss_when_logged(tmp_path):
+    """The start's query loss (``meta.start_weight`` runs) is a grey line; plain logs have none."""
+
+    def grey_pixels(records):
+        png = learning_curves({"imaml_warm": records}, tmp_path / "c.png")
+        with Image.open(png) as image:
+            rgb = np.asarray(image.convert("RGB")).astype(int)
+        return int((np.abs(rgb - 127).max(axis=-1) <= 12).sum())
+
+    plain = [{"step": s, "query_loss": 1.0 / s} for s in range(1, 40)]
+    with_start = [dict(r, start_query_loss=0.5 + 0.01 * r["step"]) for r in plain]
+    assert learning_curves({}, tmp_path / "none.png") is None
+    assert grey_pixels(with_start) > grey_pixels(plain) + 100

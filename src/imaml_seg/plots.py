@@ -42,14 +42,16 @@ def learning_curve(log_path: Path, png: Path) -> Path | None:
 
 def learning_curves(logs: dict[str, list[dict]], png: Path) -> Path | None:
     """One panel per run: training loss (query loss for meta-learners) and validation Dice
-    against step, from log records ``{"step", "loss" | "query_loss", "val_dice"?}``."""
+    against step, from log records ``{"step", "loss" | "query_loss", "start_query_loss"?,
+    "val_dice"?}``; the query loss of the start itself (``meta.start_weight``) in grey."""
     panels = []
     for name, records in logs.items():
         losses = [(r["step"], r.get("query_loss", r.get("loss"))) for r in records]
         losses = [(step, v) for step, v in losses if v is not None]
+        starts = [(r["step"], r["start_query_loss"]) for r in records if "start_query_loss" in r]
         vals = [(r["step"], r["val_dice"]) for r in records if "val_dice" in r]
         if losses:
-            panels.append((name, losses, vals))
+            panels.append((name, losses, starts, vals))
     if not panels:
         return None
     cols = min(3, len(panels))
@@ -57,8 +59,11 @@ def learning_curves(logs: dict[str, list[dict]], png: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.5 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, (name, losses, vals) in zip(axes.flat, panels, strict=False):
+    for ax, (name, losses, starts, vals) in zip(axes.flat, panels, strict=False):
         ax.plot(*zip(*losses, strict=True), lw=1, color="tab:blue", label="train loss")
+        if starts:
+            ax.plot(*zip(*starts, strict=True), lw=1, color="tab:gray", label="start's query loss")
+            ax.legend(loc="upper right", fontsize=7)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         if vals:
