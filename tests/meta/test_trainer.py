@@ -172,3 +172,16 @@ def test_max_grad_norm_bounds_every_outer_step(tmp_path, monkeypatch) -> None:
     logged = [r["grad_norm"] for r in read_log(tmp_path / "clip" / "log.jsonl")]
     assert logged[0] == pytest.approx(free[0])  # the norm before clipping is what is logged
     assert seen == pytest.approx([limit] * 3)
+
+
+def test_start_weight_logs_the_starts_query_loss(tmp_path) -> None:
+    """With ``meta.start_weight`` each meta-step logs the start's mean query loss, and the
+    outer steps differ from the plain objective's; without it the log has no such field."""
+    config = merge(load(TINY), {"meta": {"meta_steps": 2, "val_every": 0}})
+    plain = load_checkpoint(train(config, Paths(tmp_path / "plain"), quiet=True)).theta
+    weighted = merge(config, {"meta": {"start_weight": 1.0}})
+    theta = load_checkpoint(train(weighted, Paths(tmp_path / "start"), quiet=True)).theta
+    logged = read_log(tmp_path / "start" / "log.jsonl")
+    assert all(r["start_query_loss"] > 0 for r in logged) and len(logged) == 2
+    assert all("start_query_loss" not in r for r in read_log(tmp_path / "plain" / "log.jsonl"))
+    assert any(not torch.equal(theta[k], plain[k]) for k in theta)
