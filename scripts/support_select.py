@@ -32,6 +32,7 @@ true).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -219,6 +220,7 @@ def make(args: argparse.Namespace, *, compute: bool = True) -> str:
     candidates = load_candidates(args.root, args.units)
     config = candidates[0][0].config
 
+    @functools.cache
     def load_target() -> SegArrays:
         try:
             return load_arrays(config.target, config.data.resolution,

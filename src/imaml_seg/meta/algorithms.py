@@ -108,6 +108,9 @@ def meta_gradient(
     With ``config.meta.start_weight = w > 0`` the gradient of ``w L_query(theta)`` (the query
     loss of the start itself) is added, and ``stats['start_query_loss']`` records that loss.
     """
+    weight = config.meta.start_weight
+    if weight != 0 and algorithm == "reptile":
+        raise ValueError("meta.start_weight needs a meta-gradient; Reptile has none")
     if algorithm == "imaml":
         curvature = output_curvature or ggn_curvature(loss_fn)
         result = _imaml(model, theta, task, config, loss_fn, curvature)
@@ -121,11 +124,8 @@ def meta_gradient(
         raise ValueError(
             f"unknown meta-learning algorithm '{algorithm}' (one of {META_ALGORITHMS})"
         )
-    weight = config.meta.start_weight
     if weight == 0 or not result.ok:
         return result
-    if algorithm == "reptile":
-        raise ValueError("meta.start_weight needs a meta-gradient; Reptile has none")
     start = {k: t.detach() for k, t in theta.items()}
     g, loss = _query_grad(model, start, task, loss_fn)
     if not (math.isfinite(loss) and all_finite(g)):
