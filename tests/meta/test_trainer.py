@@ -135,6 +135,9 @@ def test_resume_with_other_settings_keeps_the_checkpoints_own(tmp_path) -> None:
     transfer = merge(config, {"meta": {"algorithm": "transfer", "pretrain_steps": 5}})
     assert trainer.extends(transfer, merge(transfer, {"meta": {"meta_steps": 1}}))
     assert not trainer.extends(transfer, merge(transfer, {"meta": {"pretrain_steps": 4}}))
+    # Transfer does not read the meta-objective's start term; the meta-learners do.
+    assert trainer.extends(transfer, merge(transfer, {"meta": {"start_weight": 1.0}}))
+    assert not trainer.extends(config, merge(config, {"meta": {"start_weight": 1.0}}))
     with pytest.warns(UserWarning, match="checkpoint's own config"):
         ckpt = load_checkpoint(train(other_lr, Paths(tmp_path), resume=True, quiet=True))
     assert ckpt.step == 2 and ckpt.config == config

@@ -62,8 +62,11 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     nothing else that training reads changed, so that a run of ``old`` can be continued to it.
     The ``[eval]`` section and the budget the run does not train with (``meta_steps`` of
     transfer, ``pretrain_steps`` of the others) may differ: training never reads them
-    (validation adapts with the ``[inner]`` loop)."""
+    (validation adapts with the ``[inner]`` loop).  Nor does transfer read ``start_weight``, a
+    term of the meta-objective, so a warm-start study with the term may continue plain transfer."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
+    if old.meta.algorithm in ("transfer", "scratch"):
+        budget["start_weight"] = new.meta.start_weight
     return (
         replace(old, meta=replace(old.meta, **budget), eval=new.eval) == new
         and run_steps(new) >= run_steps(old)
