@@ -316,6 +316,24 @@ def test_extend_from_continues_warm_imaml_only_from_the_same_warm_start(tmp_path
     assert len(transfer) == meta.pretrain_steps + 1
 
 
+def test_a_unit_folder_trained_with_other_settings_is_refused_not_resumed(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["imaml_warm"], 2, [1], 1)
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    shutil.rmtree(tmp_path / "results")
+    # The study file edited in place: warm iMAML's run holds start_weight 0, the study asks 0.3.
+    spec.write_text(spec.read_text() + "meta = { start_weight = 0.3 }\n")
+    run = tmp_path / "runs" / "mini" / "imaml_warm"
+    before = (run / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"imaml_warm was trained with other settings "
+                       r"\(meta.start_weight = 0.0 there, 0.3 here\); move it away"):
+        run_experiment(spec, Paths(Path(".")), quiet=True)
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    # Transfer does not read the term, so its run is kept; warm iMAML trains anew once moved.
+    shutil.move(run, tmp_path / "old_imaml_warm")
+    run_experiment(spec, Paths(Path(".")), quiet=True)
+    assert json.loads((run / "config.json").read_text())["meta"]["start_weight"] == 0.3
+
+
 def test_a_training_seed_retrains_on_the_same_draws_and_the_report_says_so(tmp_path) -> None:
     spec = mini_study(tmp_path, ["scratch"], 2, [1], 3)
     first = run_experiment(spec, Paths(Path(".")), quiet=True)

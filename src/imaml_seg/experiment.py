@@ -260,10 +260,45 @@ def train_unit(study: Study, method: str, paths: Paths, runs: Path, quiet: bool)
     out = runs / method
     if study.extend_from is not None and method not in BASELINES and method != "scratch":
         _continue_from(study, method, config, out)
+    if method not in BASELINES and (out / CHECKPOINT).exists():
+        _check_trained_as(study, load_checkpoint(out / CHECKPOINT).config, config, out)
     if method in BASELINES:
         _train_baseline(study, method, config, paths, out, quiet)
     elif method != "scratch":
         train(config, replace(paths, out_dir=out), resume=True, quiet=quiet)
+
+
+def _check_trained_as(study: Study, old: RunConfig, config: RunConfig, out: Path) -> None:
+    """Refuse a unit folder trained with other settings than the study's: resuming would go on
+    with the checkpoint's own and report them under the study's name.  A warm start named by
+    another path (the repository moved) counts as the same when it holds the same weights or is
+    gone."""
+    was, warm = old.meta.warm_start, config.meta.warm_start
+    if None not in (was, warm) and was != warm:
+        if not Path(was).exists() or _same_weights(Path(was), Path(warm)):
+            old = replace(old, meta=replace(old.meta, warm_start=warm))
+    if old == config or extends(old, config):
+        return
+    a, b = _flat(to_dict(old)), _flat(to_dict(config))
+    differ = ", ".join(
+        f"{k} = {a.get(k)!r} there, {b.get(k)!r} here"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and not k.startswith("eval.")
+    )
+    raise ConfigError(
+        f"study {study.name}: {out} was trained with other settings ({differ}); move it away "
+        "to train this unit anew, or restore the study's settings"
+    )
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _continue_from(study: Study, method: str, config: RunConfig, out: Path) -> None:
