@@ -75,3 +75,14 @@ def test_support_selection_tables_in_the_readme_match_their_results() -> None:
         assert block == support_select.make(parsed, compute=False) + "\n", (
             f"README support-selection table {args} is stale"
         )
+
+
+def test_source_score_tables_in_the_readme_match_their_results() -> None:
+    source_scores = load_script("source_scores")
+    blocks = source_scores.readme_blocks((REPO / "README.md").read_text())
+    assert blocks, "the README has no source-score table"
+    for args, block in blocks:
+        parsed = source_scores.parser().parse_args([*args, "--root", str(REPO)])
+        assert block == source_scores.make(parsed, compute=False) + "\n", (
+            f"README source-score table {args} is stale"
+        )

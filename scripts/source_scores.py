@@ -1,0 +1,200 @@
+"""Score two methods' trained weights without fine-tuning on each source's held-out images and on
+the target's test pool: does a lead on the sources foretell the lead on the unseen target?
+
+A rule that picks a starting point (for example warm iMAML's over transfer's) may only look at
+the sources.  For each training study named, this scores both methods' weights as they are (no
+adaptation, no support set) on every source dataset's test pool (images meta-training and
+pretraining never drew: tasks and batches come from the adaptation pools) and on the target's
+whole test pool, and prints one row per study: each method's mean Dice per dataset and the
+difference in points.  The last row gives, per source and for the mean over sources, the Spearman
+rank correlation over the studies between that source's difference and the target's::
+
+    python scripts/source_scores.py unseen_polyp_4x_seed0_start03 \\
+        unseen_polyp_4x_seed1_start03 --methods imaml_warm transfer
+
+The studies must share sources, target and resolution.  Weights are read from
+``runs/<study>/<method>`` below ``--root``; each method's per-image Dice is saved beside its
+result (``results/<study>/<method>.sources.json``) the first time, so the table can be printed
+again without weights or images.  ``--readme README.md`` writes it between ``<!-- SOURCESCORES:
+ARGS -->`` and ``<!-- /SOURCESCORES -->`` (ARGS: the other arguments; tests/test_readme.py checks
+that they stay true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_block  # noqa: E402
+
+from imaml_seg.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays  # noqa: E402
+from imaml_seg.data.readers import data_root_from  # noqa: E402
+from imaml_seg.data.tasks import test_pool  # noqa: E402
+from imaml_seg.data.validate import DataError  # noqa: E402
+from imaml_seg.experiment import Study  # noqa: E402
+from imaml_seg.metrics import dice  # noqa: E402
+from imaml_seg.model import build_model, forward  # noqa: E402
+
+TAG = "SOURCESCORES"
+SOURCES = ".sources.json"
+"""Suffix of a method's per-image Dice per dataset (``results/<study>/<method>.sources.json``)."""
+
+
+def load_studies(root: Path, names: list[str]) -> list[Study]:
+    """The studies ``experiments/<name>.toml``; all must share sources, target and resolution."""
+    studies = []
+    for name in names:
+        path = root / "experiments" / f"{name}.toml"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such study")
+        studies.append(Study.from_file(path))
+    first = studies[0].config
+    for study in studies[1:]:
+        c = study.config
+        if (c.sources, c.target, c.data.resolution) != (
+            first.sources, first.target, first.data.resolution
+        ):
+            raise ConfigError(
+                f"{study.name}: sources, target or resolution differ from {studies[0].name}'s "
+                f"({list(c.sources)} -> {c.target} at {c.data.resolution} px against "
+                f"{list(first.sources)} -> {first.target} at {first.data.resolution} px)"
+            )
+    return studies
+
+
+@torch.no_grad()
+def weights_dice(
+    runs: Path, method: str, datasets: dict[str, SegArrays], *, test_fraction: float,
+    split_seed: int,
+) -> dict[str, list[float]]:
+    """``{name: Dice of each test-pool image}`` of the weights in ``runs/<method>`` on each of
+    ``datasets`` (``{name: arrays}``), predicted as they are (sigmoid > 0.5, no adaptation)."""
+    try:
+        checkpoint = load_checkpoint(runs / method)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from err
+    model = build_model(checkpoint.config.model)
+    out = {}
+    for name, arrays in datasets.items():
+        x, y = test_pool(arrays, test_fraction=test_fraction, split_seed=split_seed)
+        pred = (torch.sigmoid(forward(model, checkpoint.theta, x)) > 0.5).float()
+        out[name] = [round(float(v), 6) for v in dice(pred, y).flatten()]
+    return out
+
+
+def method_scores(
+    root: Path, study: Study, method: str, load: Callable[[str], SegArrays] | None = None
+) -> dict[str, list[float]]:
+    """Per-image Dice per dataset (sources, then target) of ``study``'s ``method``: read from its
+    ``.sources.json``, else computed from its weights (``load(name)`` gives a dataset's arrays)
+    and saved."""
+    config = study.config
+    names = [*config.sources, config.target]
+    path = root / "results" / study.name / f"{method}{SOURCES}"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [n for n in names if n not in saved]
+    if missing:
+        if load is None:
+            raise ConfigError(f"{path}: no Dice saved on {missing}")
+        runs = root / "runs" / (study.train_from or study.name)
+        if not (runs / method).is_dir():
+            raise ConfigError(f"{study.name}:{method}: no weights under {runs} to score "
+                              f"({path} lacks {missing})")
+        saved |= weights_dice(runs, method, {n: load(n) for n in missing},
+                              test_fraction=config.data.test_fraction,
+                              split_seed=config.data.split_seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=0, sort_keys=True) + "\n")
+        tmp.replace(path)
+    return {n: saved[n] for n in names}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of ``a`` and ``b`` (nan with fewer than three pairs or a
+    constant side)."""
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def table(studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str]) -> str:
+    """Markdown: per study, each dataset's mean Dice of the two methods and their difference;
+    then each source's rank correlation with the target's difference over the studies."""
+    config = studies[0].config
+    sources, target = list(config.sources), config.target
+    first = scores[0][0]
+    a, b = methods
+    head = [f"{n} ({len(first[n])} images)" for n in sources]
+    lines = [f"| study: {a} / {b} (difference, points) | " + " | ".join(head)
+             + f" | sources' mean | {target}, target ({len(first[target])} images) |",
+             "|---" * (len(sources) + 3) + "|"]
+    diffs: dict[str, list[float]] = {n: [] for n in [*sources, "mean", target]}
+    for study, (sa, sb) in zip(studies, scores, strict=True):
+        cells = []
+        for n in [*sources, target]:
+            ma, mb = float(np.mean(sa[n])), float(np.mean(sb[n]))
+            diffs[n].append(100 * (ma - mb))
+            cells.append(f"{ma:.3f} / {mb:.3f} ({100 * (ma - mb):+.1f})")
+        diffs["mean"].append(float(np.mean([diffs[n][-1] for n in sources])))
+        cells.insert(len(sources), f"{diffs['mean'][-1]:+.1f}")
+        lines.append(f"| {study.name} | " + " | ".join(cells) + " |")
+    rho = [spearman(diffs[n], diffs[target]) for n in [*sources, "mean"]]
+    lines.append(f"| rank correlation with the target's difference ({len(studies)} studies) | "
+                 + " | ".join("-" if np.isnan(r) else f"{r:+.2f}" for r in rho) + " | |")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("studies", nargs="+", help="training studies (experiments/<STUDY>.toml)")
+    p.add_argument("--methods", nargs=2, default=["imaml_warm", "transfer"],
+                   metavar=("A", "B"), help="the two methods compared (A - B)")
+    p.add_argument("--root", type=Path, default=Path("."))
+    p.add_argument("--readme", type=Path, help="write the table into this README's block")
+    p.add_argument("--data-root", help="folder holding the datasets (default: $IMAML_SEG_DATA)")
+    p.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
+                   "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+    return p
+
+
+def make(args: argparse.Namespace, *, compute: bool = True) -> str:
+    """The table for ``args``; with ``compute=False`` only from saved scores."""
+    studies = load_studies(args.root, args.studies)
+    resolution = studies[0].config.data.resolution
+
+    @functools.cache
+    def load(name: str) -> SegArrays:
+        try:
+            return load_arrays(name, resolution, data_root=data_root_from(args.data_root),
+                               cache_dir=cache_dir_from(args.cache_dir))
+        except DataError as err:
+            raise ConfigError(str(err)) from err
+
+    scores = [tuple(method_scores(args.root, s, m, load if compute else None)
+                    for m in args.methods) for s in studies]
+    return table(studies, scores, args.methods)
+
+
+def readme_blocks(text: str) -> list[tuple[list[str], str]]:
+    """The README's source-score tables: each one's arguments and body."""
+    return readme_block.blocks(text, TAG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return readme_block.run(argv, parser(), make, TAG)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""scripts/source_scores.py: two methods' weights scored without fine-tuning on every dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from imaml_seg.checkpoint import load_checkpoint
+from imaml_seg.config import ConfigError
+from imaml_seg.data.cache import load_arrays
+from imaml_seg.data.tasks import test_pool
+from imaml_seg.experiment import run_experiment
+from imaml_seg.meta.trainer import Paths
+from imaml_seg.metrics import dice
+from imaml_seg.model import build_model, forward
+from tests.scripts import load_script
+from tests.test_experiment import mini_study
+
+source_scores = load_script("source_scores")
+
+
+def test_spearman_ranks_and_refuses_too_few_or_constant_pairs() -> None:
+    assert source_scores.spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]) == pytest.approx(0.5)
+    assert source_scores.spearman([3.0, 2.0, 1.0], [0.0, 1.0, 5.0]) == pytest.approx(-1.0)
+    assert math.isnan(source_scores.spearman([1.0, 2.0], [1.0, 2.0]))
+    assert math.isnan(source_scores.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+def test_script_scores_weights_on_each_test_pool_saves_and_reprints(tmp_path, capsys) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 2)
+    run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
+    study = source_scores.load_studies(tmp_path, ["mini"])[0]
+    config = study.config
+
+    def load(name):
+        return load_arrays(name, config.data.resolution, data_root=None,
+                           cache_dir=tmp_path / "cache")
+
+    with pytest.raises(ConfigError, match="no Dice saved on"):
+        source_scores.method_scores(tmp_path, study, "transfer")
+    scores = source_scores.method_scores(tmp_path, study, "transfer", load)
+    assert list(scores) == [*config.sources, config.target]
+    # The target's entry is the weights' own prediction on its whole test pool, image by image.
+    checkpoint = load_checkpoint(tmp_path / "runs" / "mini" / "transfer")
+    x, y = test_pool(load(config.target), test_fraction=config.data.test_fraction,
+                     split_seed=config.data.split_seed)
+    with torch.no_grad():
+        pred = (torch.sigmoid(forward(build_model(checkpoint.config.model), checkpoint.theta,
+                                      x)) > 0.5).float()
+    assert scores[config.target] == pytest.approx(dice(pred, y).tolist(), abs=1e-6)
+    assert len(scores[config.sources[0]]) == len(test_pool(
+        load(config.sources[0]), test_fraction=config.data.test_fraction,
+        split_seed=config.data.split_seed)[0])
+    # Saved beside the result: printed again without weights or images.
+    saved = tmp_path / "results" / "mini" / "transfer.sources.json"
+    assert json.loads(saved.read_text()) == scores
+    assert source_scores.main(["mini", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| study: imaml_warm / transfer (difference, points) |")
+    assert "| mini | " in out and "(1 studies) | - | - | - |" in out
+    shutil.rmtree(tmp_path / "runs")
+    args = source_scores.parser().parse_args(["mini", "--root", str(tmp_path)])
+    assert source_scores.make(args, compute=False) + "\n" == out
+    with pytest.raises(ConfigError, match="no weights under"):
+        source_scores.method_scores(tmp_path, study, "imaml", load)
+
+
+def test_table_gives_each_dataset_its_difference_and_the_rank_correlation(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["transfer"], 1, [1], 1)
+    for name in ("a", "b", "c"):
+        spec.with_name(f"{name}.toml").write_text(
+            spec.read_text().replace('name = "mini"', f'name = "{name}"'))
+    studies = source_scores.load_studies(tmp_path, ["a", "b", "c"])
+    s0, s1 = studies[0].config.sources
+    target = studies[0].config.target
+
+    def pair(first: float, second: float, goal: float) -> tuple[dict, dict]:
+        return ({s0: [first, first], s1: [0.5], target: [goal, goal, goal]},
+                {s0: [0.5, 0.5], s1: [second], target: [0.5, 0.5, 0.5]})
+
+    # Source 0's difference ranks the target's exactly, source 1's the other way round; the
+    # sources' means (+5.0, +5.0, +7.5) rank as (1.5, 1.5, 3) against (2, 3, 1): -1.5 / 3 ** 0.5.
+    scores = [pair(0.6, 0.5, 0.52), pair(0.7, 0.6, 0.55), pair(0.55, 0.4, 0.51)]
+    lines = source_scores.table(studies, scores, ["imaml_warm", "transfer"]).splitlines()
+    assert lines[0].endswith(f"| {s0} (2 images) | {s1} (1 images) | sources' mean | "
+                             f"{target}, target (3 images) |")
+    assert lines[2] == "| a | 0.600 / 0.500 (+10.0) | 0.500 / 0.500 (+0.0) | +5.0 | " \
+                       "0.520 / 0.500 (+2.0) |"
+    assert lines[5] == "| rank correlation with the target's difference (3 studies) | +1.00 | " \
+                       "-1.00 | -0.87 | |"
+
+
+def test_studies_with_other_sources_are_refused(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["transfer"], 1, [1], 1)
+    other = spec.with_name("other.toml")
+    other.write_text(spec.read_text().replace('name = "mini"', 'name = "other"\n'
+                                              'target = "synthetic:6:24"'))
+    with pytest.raises(ConfigError, match="other: sources, target or resolution differ"):
+        source_scores.load_studies(tmp_path, ["mini", "other"])
+    with pytest.raises(ConfigError, match="no such study"):
+        source_scores.load_studies(tmp_path, ["mini", "absent"])
