@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,36 @@ def unit_result(root: Path, study: Study, method: str) -> dict:
     if not result.is_file():
         raise ConfigError(f"{result}: no finished unit {method} of study {study.name}")
     return json.loads(result.read_text())
+
+
+def saved_unit_scores(
+    root: Path,
+    study: Study,
+    method: str,
+    suffix: str,
+    keys: list[str],
+    compute: Callable[[Path, list[str]], dict] | None = None,
+) -> dict:
+    """A unit's scores saved beside its result (``results/<study>/<method><suffix>``), keyed by
+    ``keys``: those missing are computed by ``compute(runs, missing)`` from the unit's weights
+    under ``runs/`` and saved (written whole, then renamed); without ``compute`` a missing one
+    is a ConfigError."""
+    path = root / "results" / study.name / f"{method}{suffix}"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        if compute is None:
+            raise ConfigError(f"{path}: nothing saved for {missing[:3]}")
+        runs = root / "runs" / (study.train_from or study.name)
+        if not (runs / method).is_dir():
+            raise ConfigError(f"{study.name}:{method}: no weights under {runs} to score "
+                              f"({path} lacks {missing[:3]})")
+        saved |= compute(runs, missing)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=0, sort_keys=True) + "\n")
+        tmp.replace(path)
+    return saved
 
 
 def compare(root: Path, a: str, b: str, shots: list[int]) -> list[dict[str, object]]:

@@ -4,6 +4,7 @@ script arguments that print the block's body, so a test can print it again and c
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shlex
 import sys
@@ -11,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imaml_seg.config import ConfigError
+from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays
+from imaml_seg.data.readers import data_root_from
+from imaml_seg.data.validate import DataError
 
 
 def _pattern(tag: str) -> re.Pattern[str]:
@@ -72,3 +76,28 @@ def run(
         return 2
     print(f"wrote the {tag} block '{shlex.join(own)}' into {args.readme}")
     return 0
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--root``, ``--readme`` and the data options of a script that reads weights and images."""
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--readme", type=Path, help="write the table into this README's block")
+    parser.add_argument("--data-root",
+                        help="folder holding the datasets (default: $IMAML_SEG_DATA)")
+    parser.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
+                        "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+
+
+def dataset_loader(args: argparse.Namespace, resolution: int) -> Callable[[str], SegArrays]:
+    """``load(name)``: a dataset at ``resolution`` from ``args``' data root and cache, read once;
+    a bad dataset raises ConfigError (one line for the user, no traceback)."""
+
+    @functools.cache
+    def load(name: str) -> SegArrays:
+        try:
+            return load_arrays(name, resolution, data_root=data_root_from(args.data_root),
+                               cache_dir=cache_dir_from(args.cache_dir))
+        except DataError as err:
+            raise ConfigError(str(err)) from err
+
+    return load

@@ -23,8 +23,6 @@ that they stay true).
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,13 +33,12 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
+from compare_units import saved_unit_scores  # noqa: E402
 
 from imaml_seg.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from imaml_seg.config import ConfigError  # noqa: E402
-from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays  # noqa: E402
-from imaml_seg.data.readers import data_root_from  # noqa: E402
+from imaml_seg.data.cache import SegArrays  # noqa: E402
 from imaml_seg.data.tasks import test_pool  # noqa: E402
-from imaml_seg.data.validate import DataError  # noqa: E402
 from imaml_seg.experiment import Study  # noqa: E402
 from imaml_seg.metrics import dice  # noqa: E402
 from imaml_seg.model import build_model, forward  # noqa: E402
@@ -101,23 +98,14 @@ def method_scores(
     and saved."""
     config = study.config
     names = [*config.sources, config.target]
-    path = root / "results" / study.name / f"{method}{SOURCES}"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    missing = [n for n in names if n not in saved]
-    if missing:
-        if load is None:
-            raise ConfigError(f"{path}: no Dice saved on {missing}")
-        runs = root / "runs" / (study.train_from or study.name)
-        if not (runs / method).is_dir():
-            raise ConfigError(f"{study.name}:{method}: no weights under {runs} to score "
-                              f"({path} lacks {missing})")
-        saved |= weights_dice(runs, method, {n: load(n) for n in missing},
-                              test_fraction=config.data.test_fraction,
-                              split_seed=config.data.split_seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=0, sort_keys=True) + "\n")
-        tmp.replace(path)
+
+    def compute(runs: Path, missing: list[str]) -> dict[str, list[float]]:
+        return weights_dice(runs, method, {n: load(n) for n in missing},
+                            test_fraction=config.data.test_fraction,
+                            split_seed=config.data.split_seed)
+
+    saved = saved_unit_scores(root, study, method, SOURCES, names,
+                              None if load is None else compute)
     return {n: saved[n] for n in names}
 
 
@@ -161,27 +149,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("studies", nargs="+", help="training studies (experiments/<STUDY>.toml)")
     p.add_argument("--methods", nargs=2, default=["imaml_warm", "transfer"],
                    metavar=("A", "B"), help="the two methods compared (A - B)")
-    p.add_argument("--root", type=Path, default=Path("."))
-    p.add_argument("--readme", type=Path, help="write the table into this README's block")
-    p.add_argument("--data-root", help="folder holding the datasets (default: $IMAML_SEG_DATA)")
-    p.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
-                   "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+    readme_block.add_data_args(p)
     return p
 
 
 def make(args: argparse.Namespace, *, compute: bool = True) -> str:
     """The table for ``args``; with ``compute=False`` only from saved scores."""
     studies = load_studies(args.root, args.studies)
-    resolution = studies[0].config.data.resolution
-
-    @functools.cache
-    def load(name: str) -> SegArrays:
-        try:
-            return load_arrays(name, resolution, data_root=data_root_from(args.data_root),
-                               cache_dir=cache_dir_from(args.cache_dir))
-        except DataError as err:
-            raise ConfigError(str(err)) from err
-
+    load = readme_block.dataset_loader(args, studies[0].config.data.resolution)
     scores = [tuple(method_scores(args.root, s, m, load if compute else None)
                     for m in args.methods) for s in studies]
     return table(studies, scores, args.methods)

@@ -32,8 +32,6 @@ true).
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,14 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
-from compare_units import unit_result, unit_study  # noqa: E402
+from compare_units import saved_unit_scores, unit_result, unit_study  # noqa: E402
 
 from imaml_seg.baselines import BASELINES  # noqa: E402
 from imaml_seg.config import ConfigError  # noqa: E402
-from imaml_seg.data.cache import SegArrays, cache_dir_from, load_arrays  # noqa: E402
-from imaml_seg.data.readers import data_root_from  # noqa: E402
+from imaml_seg.data.cache import SegArrays  # noqa: E402
 from imaml_seg.data.tasks import draw_support  # noqa: E402
-from imaml_seg.data.validate import DataError  # noqa: E402
 from imaml_seg.evaluation import format_p_pair, paired_wilcoxon, paired_wilcoxon_images  # noqa: E402
 from imaml_seg.experiment import Study, load_method  # noqa: E402
 from imaml_seg.meta.trainer import device_default  # noqa: E402
@@ -141,20 +137,13 @@ def support_scores(
         if payload["eval"]["inner_steps"] != 0:
             per_unit.append(cv_scores(study, method, payload["records"], shots))
             continue
-        path = root / "results" / study.name / f"{method}{SUPPORT}"
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        missing = [k for k in shots if f"{k}:0" not in saved]
-        if missing:
-            if load_target is None:
-                raise ConfigError(f"{path}: no support Dice of {missing}-shot draws saved")
-            runs = root / "runs" / (study.train_from or study.name)
-            if not (runs / method).is_dir():
-                raise ConfigError(f"{study.name}:{method}: no weights under runs/ to score its "
-                                  f"support sets ({path} lacks {missing}-shot draws)")
-            saved |= unit_support_dice(runs, study, method, load_target(), missing)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(saved, indent=0, sort_keys=True) + "\n")
-            tmp.replace(path)
+        def compute(runs: Path, missing: list[str], study=study, method=method) -> dict:
+            todo = sorted({int(key.split(":")[0]) for key in missing})
+            return unit_support_dice(runs, study, method, load_target(), todo)
+
+        keys = [f"{k}:{d}" for k in shots for d in range(study.config.eval.draws)]
+        saved = saved_unit_scores(root, study, method, SUPPORT, keys,
+                                  None if load_target is None else compute)
         per_unit.append(saved)
     draws = candidates[0][0].config.eval.draws
     for (study, method, _), unit in zip(candidates, per_unit, strict=True):
@@ -205,11 +194,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("units", nargs="+", help="STUDY:METHOD, at least two")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--root", type=Path, default=Path("."))
-    p.add_argument("--readme", type=Path, help="write the table into this README's block")
-    p.add_argument("--data-root", help="folder holding the datasets (default: $IMAML_SEG_DATA)")
-    p.add_argument("--cache-dir", help="cache of preprocessed arrays (default: "
-                   "$IMAML_SEG_CACHE or ~/.cache/imaml-seg)")
+    readme_block.add_data_args(p)
     return p
 
 
@@ -219,15 +204,10 @@ def make(args: argparse.Namespace, *, compute: bool = True) -> str:
         raise ConfigError("give at least two units to choose between")
     candidates = load_candidates(args.root, args.units)
     config = candidates[0][0].config
+    load = readme_block.dataset_loader(args, config.data.resolution)
 
-    @functools.cache
     def load_target() -> SegArrays:
-        try:
-            return load_arrays(config.target, config.data.resolution,
-                               data_root=data_root_from(args.data_root),
-                               cache_dir=cache_dir_from(args.cache_dir))
-        except DataError as err:
-            raise ConfigError(str(err)) from err
+        return load(config.target)
 
     scores = support_scores(args.root, candidates, args.shots, load_target if compute else None)
     return table(args.units, select([c[2]["records"] for c in candidates], scores), args.shots)

@@ -41,7 +41,7 @@ def test_script_scores_weights_on_each_test_pool_saves_and_reprints(tmp_path, ca
         return load_arrays(name, config.data.resolution, data_root=None,
                            cache_dir=tmp_path / "cache")
 
-    with pytest.raises(ConfigError, match="no Dice saved on"):
+    with pytest.raises(ConfigError, match="sources.json: nothing saved for"):
         source_scores.method_scores(tmp_path, study, "transfer")
     scores = source_scores.method_scores(tmp_path, study, "transfer", load)
     assert list(scores) == [*config.sources, config.target]
