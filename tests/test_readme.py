@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,23 +68,14 @@ def test_budget_tables_in_the_readme_match_their_results() -> None:
         assert block == budget_table.table(parsed), f"README budget table {args} is stale"
 
 
-def test_support_selection_tables_in_the_readme_match_their_results() -> None:
-    support_select = load_script("support_select")
-    blocks = support_select.readme_blocks((REPO / "README.md").read_text())
-    assert blocks, "the README has no support-selection table"
+@pytest.mark.parametrize("script", ["support_select", "source_scores"])
+def test_tables_of_weight_scoring_scripts_match_their_saved_scores(script: str) -> None:
+    """Scripts that score weights save what they computed; the README's blocks reprint from it."""
+    module = load_script(script)
+    blocks = module.readme_blocks((REPO / "README.md").read_text())
+    assert blocks, f"the README has no {module.TAG} table"
     for args, block in blocks:
-        parsed = support_select.parser().parse_args([*args, "--root", str(REPO)])
-        assert block == support_select.make(parsed, compute=False) + "\n", (
-            f"README support-selection table {args} is stale"
-        )
-
-
-def test_source_score_tables_in_the_readme_match_their_results() -> None:
-    source_scores = load_script("source_scores")
-    blocks = source_scores.readme_blocks((REPO / "README.md").read_text())
-    assert blocks, "the README has no source-score table"
-    for args, block in blocks:
-        parsed = source_scores.parser().parse_args([*args, "--root", str(REPO)])
-        assert block == source_scores.make(parsed, compute=False) + "\n", (
-            f"README source-score table {args} is stale"
+        parsed = module.parser().parse_args([*args, "--root", str(REPO)])
+        assert block == module.make(parsed, compute=False) + "\n", (
+            f"README {module.TAG} table {args} is stale"
         )
