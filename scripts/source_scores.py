@@ -7,10 +7,12 @@ adaptation, no support set) on every source dataset's test pool (images meta-tra
 pretraining never drew: tasks and batches come from the adaptation pools) and on the target's
 whole test pool, and prints one row per study: each method's mean Dice per dataset and the
 difference in points.  The last row gives, per source and for the mean over sources, the Spearman
-rank correlation over the studies between that source's difference and the target's::
+rank correlation over the studies between that source's difference and the target's.
+``--rule DATASET POINTS`` adds how a choice made on the sources alone scores on the target: A's
+weights where A leads B on DATASET's held-out images by more than POINTS, else B's::
 
     python scripts/source_scores.py unseen_polyp_4x_seed0_start03 \\
-        unseen_polyp_4x_seed1_start03 --methods imaml_warm transfer
+        unseen_polyp_4x_seed1_start03 --methods imaml_warm transfer --rule Kvasir-SEG 1
 
 The studies must share sources, target and resolution.  Weights are read from
 ``runs/<study>/<method>`` below ``--root``; each method's per-image Dice is saved beside its
@@ -144,11 +146,47 @@ def table(studies: list[Study], scores: list[tuple[dict, dict]], methods: list[s
     return "\n".join(lines)
 
 
+def rule(
+    studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str], dataset: str,
+    points: float,
+) -> str:
+    """One line: the rule "keep A's weights where A leads B on ``dataset``'s held-out images by
+    more than ``points``, else B's", scored on the target's test pool against always-B and
+    always-A (mean +- sd over the studies of the per-study difference in points)."""
+    target = studies[0].config.target
+    if dataset not in scores[0][0]:
+        raise ConfigError(f"--rule: {dataset} is not one of {list(scores[0][0])}")
+    a, b = methods
+    kept, policy, always_a, always_b = [], [], [], []
+    for sa, sb in scores:
+        lead = 100 * (float(np.mean(sa[dataset])) - float(np.mean(sb[dataset])))
+        kept.append(lead > points)
+        always_a.append(float(np.mean(sa[target])))
+        always_b.append(float(np.mean(sb[target])))
+        policy.append(always_a[-1] if kept[-1] else always_b[-1])
+
+    def versus(other: list[float]) -> str:
+        d = 100 * (np.array(policy) - np.array(other))
+        sd = f" +- {d.std(ddof=1):.1f}" if len(d) > 1 else ""
+        return f"{d.mean():+.1f}{sd}"
+
+    names = ", ".join(st.name for st, k in zip(studies, kept, strict=True) if k) or "none"
+    return (f"Rule: keep {a} where it leads {b} on {dataset} by more than {points:g} "
+            f"point{'' if points == 1 else 's'}, "
+            f"else {b}: {a} kept on {sum(kept)} of {len(kept)} studies ({names}); on {target} "
+            f"the rule's weights score {np.mean(policy):.3f} ({b} {np.mean(always_b):.3f}, "
+            f"{a} {np.mean(always_a):.3f}): {versus(always_b)} points over always {b}, "
+            f"{versus(always_a)} over always {a} (mean +- sd over the studies).")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("studies", nargs="+", help="training studies (experiments/<STUDY>.toml)")
     p.add_argument("--methods", nargs=2, default=["imaml_warm", "transfer"],
                    metavar=("A", "B"), help="the two methods compared (A - B)")
+    p.add_argument("--rule", nargs=2, metavar=("DATASET", "POINTS"),
+                   help="also score the rule: A's weights where A leads B on DATASET by more "
+                   "than POINTS, else B's")
     readme_block.add_data_args(p)
     return p
 
@@ -159,7 +197,14 @@ def make(args: argparse.Namespace, *, compute: bool = True) -> str:
     load = readme_block.dataset_loader(args, studies[0].config.data.resolution)
     scores = [tuple(method_scores(args.root, s, m, load if compute else None)
                     for m in args.methods) for s in studies]
-    return table(studies, scores, args.methods)
+    out = table(studies, scores, args.methods)
+    if args.rule:
+        try:
+            points = float(args.rule[1])
+        except ValueError:
+            raise ConfigError(f"--rule: POINTS must be a number, got {args.rule[1]!r}") from None
+        out += "\n\n" + rule(studies, scores, args.methods, args.rule[0], points)
+    return out
 
 
 def readme_blocks(text: str) -> list[tuple[list[str], str]]:

@@ -104,3 +104,29 @@ def test_studies_with_other_sources_are_refused(tmp_path) -> None:
         source_scores.load_studies(tmp_path, ["mini", "other"])
     with pytest.raises(ConfigError, match="no such study"):
         source_scores.load_studies(tmp_path, ["mini", "absent"])
+
+
+def test_rule_keeps_a_where_it_leads_on_the_named_source_and_scores_it_on_the_target(
+    tmp_path,
+) -> None:
+    spec = mini_study(tmp_path, ["transfer"], 1, [1], 1)
+    for name in ("a", "b"):
+        spec.with_name(f"{name}.toml").write_text(
+            spec.read_text().replace('name = "mini"', f'name = "{name}"'))
+    studies = source_scores.load_studies(tmp_path, ["a", "b"])
+    s0, s1 = studies[0].config.sources
+    target = studies[0].config.target
+    # Study a: A leads by 2 points on source 0 (kept), and by 10 on the target; study b: by 0.5
+    # (not kept: B's weights), while A trails by 20 on the target.
+    scores = [({s0: [0.52], s1: [0.5], target: [0.6]}, {s0: [0.5], s1: [0.5], target: [0.5]}),
+              ({s0: [0.505], s1: [0.9], target: [0.3]}, {s0: [0.5], s1: [0.5], target: [0.5]})]
+    line = source_scores.rule(studies, scores, ["imaml_warm", "transfer"], s0, 1.0)
+    # The rule scores 0.6 and 0.5 (mean 0.55); always B 0.5 and 0.5; always A 0.6 and 0.3.
+    assert "imaml_warm kept on 1 of 2 studies (a)" in line
+    assert "score 0.550 (transfer 0.500, imaml_warm 0.450)" in line
+    assert "+5.0 +- 7.1 points over always transfer, +10.0 +- 14.1 over always imaml_warm" in line
+    # On source 1 A leads by 40 on b only: the rule keeps it there, where it loses.
+    assert "kept on 1 of 2 studies (b)" in source_scores.rule(
+        studies, scores, ["imaml_warm", "transfer"], s1, 1.0)
+    with pytest.raises(ConfigError, match="--rule: nowhere is not one of"):
+        source_scores.rule(studies, scores, ["imaml_warm", "transfer"], "nowhere", 1.0)
