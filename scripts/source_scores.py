@@ -46,6 +46,8 @@ from imaml_seg.metrics import dice  # noqa: E402
 from imaml_seg.model import build_model, forward  # noqa: E402
 
 TAG = "SOURCESCORES"
+BATCH = 32
+"""Images per forward pass (memory stays flat at any resolution)."""
 SOURCES = ".sources.json"
 """Suffix of a method's per-image Dice per dataset (``results/<study>/<method>.sources.json``)."""
 
@@ -87,8 +89,12 @@ def weights_dice(
     out = {}
     for name, arrays in datasets.items():
         x, y = test_pool(arrays, test_fraction=test_fraction, split_seed=split_seed)
-        pred = (torch.sigmoid(forward(model, checkpoint.theta, x)) > 0.5).float()
-        out[name] = [round(float(v), 6) for v in dice(pred, y).flatten()]
+        scores = []
+        for start in range(0, len(x), BATCH):
+            batch = slice(start, start + BATCH)
+            pred = (torch.sigmoid(forward(model, checkpoint.theta, x[batch])) > 0.5).float()
+            scores += dice(pred, y[batch]).flatten().tolist()
+        out[name] = [round(v, 6) for v in scores]
     return out
 
 

@@ -31,7 +31,9 @@ def test_spearman_ranks_and_refuses_too_few_or_constant_pairs() -> None:
     assert math.isnan(source_scores.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
-def test_script_scores_weights_on_each_test_pool_saves_and_reprints(tmp_path, capsys) -> None:
+def test_script_scores_weights_on_each_test_pool_saves_and_reprints(
+    tmp_path, capsys, monkeypatch
+) -> None:
     spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 2)
     run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
     study = source_scores.load_studies(tmp_path, ["mini"])[0]
@@ -43,6 +45,7 @@ def test_script_scores_weights_on_each_test_pool_saves_and_reprints(tmp_path, ca
 
     with pytest.raises(ConfigError, match="sources.json: nothing saved for"):
         source_scores.method_scores(tmp_path, study, "transfer")
+    monkeypatch.setattr(source_scores, "BATCH", 5)  # pools of 12 images: batches of 5, 5, 2
     scores = source_scores.method_scores(tmp_path, study, "transfer", load)
     assert list(scores) == [*config.sources, config.target]
     # The target's entry is the weights' own prediction on its whole test pool, image by image.
