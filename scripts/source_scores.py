@@ -52,24 +52,26 @@ SOURCES = ".sources.json"
 """Suffix of a method's per-image Dice per dataset (``results/<study>/<method>.sources.json``)."""
 
 
+def _pools(study: Study) -> tuple:
+    """What decides the images scored: the datasets, their resolution and test pools."""
+    c = study.config
+    return (c.sources, c.target, c.data.resolution, c.data.test_fraction, c.data.split_seed)
+
+
 def load_studies(root: Path, names: list[str]) -> list[Study]:
-    """The studies ``experiments/<name>.toml``; all must share sources, target and resolution."""
-    studies = []
-    for name in names:
-        path = root / "experiments" / f"{name}.toml"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such study")
-        studies.append(Study.from_file(path))
+    """The studies ``experiments/<name>.toml``; all must share sources, target, resolution and
+    test split, so every study is scored on the same images."""
+    studies = [Study.from_file(root / "experiments" / f"{name}.toml") for name in names]
     first = studies[0].config
     for study in studies[1:]:
-        c = study.config
-        if (c.sources, c.target, c.data.resolution) != (
-            first.sources, first.target, first.data.resolution
-        ):
+        if _pools(study) != _pools(studies[0]):
+            c = study.config
             raise ConfigError(
-                f"{study.name}: sources, target or resolution differ from {studies[0].name}'s "
-                f"({list(c.sources)} -> {c.target} at {c.data.resolution} px against "
-                f"{list(first.sources)} -> {first.target} at {first.data.resolution} px)"
+                f"{study.name}: sources, target or resolution differ, or the test split does, "
+                f"from {studies[0].name}'s ({list(c.sources)} -> {c.target} at "
+                f"{c.data.resolution} px, test fraction {c.data.test_fraction}, split seed "
+                f"{c.data.split_seed} against {list(first.sources)} -> {first.target} at "
+                f"{first.data.resolution} px, {first.data.test_fraction}, {first.data.split_seed})"
             )
     return studies
 

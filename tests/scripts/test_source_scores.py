@@ -105,7 +105,13 @@ def test_studies_with_other_sources_are_refused(tmp_path) -> None:
                                               'target = "synthetic:6:24"'))
     with pytest.raises(ConfigError, match="other: sources, target or resolution differ"):
         source_scores.load_studies(tmp_path, ["mini", "other"])
-    with pytest.raises(ConfigError, match="no such study"):
+    # Same datasets, another test split: the images scored would differ.
+    split = spec.with_name("split.toml")
+    split.write_text(spec.read_text().replace('name = "mini"', 'name = "split"')
+                     + "data = { split_seed = 1 }\n")
+    with pytest.raises(ConfigError, match="split: .* or the test split does"):
+        source_scores.load_studies(tmp_path, ["mini", "split"])
+    with pytest.raises(ConfigError, match="absent.toml: study file not found"):
         source_scores.load_studies(tmp_path, ["mini", "absent"])
 
 
