@@ -14,6 +14,14 @@ weights where A leads B on DATASET's held-out images by more than POINTS, else B
     python scripts/source_scores.py unseen_polyp_4x_seed0_start03 \\
         unseen_polyp_4x_seed1_start03 --methods imaml_warm transfer --rule Kvasir-SEG 1
 
+``--sources-only`` never loads or reads the target, so a prediction can be written down before the
+target is scored: the table has only the sources' columns, and with ``--rule`` one line per study
+says which weights the rule keeps and, from the ``--reference`` studies (scored on the target
+too), the target's lead that the study's rank on DATASET implies::
+
+    python scripts/source_scores.py unseen_polyp_4x_seed5_start03 --sources-only \\
+        --rule Kvasir-SEG 1 --reference unseen_polyp_4x_seed0_start03 ...
+
 The studies must share sources, target and resolution.  Weights are read from
 ``runs/<study>/<method>`` below ``--root``; each method's per-image Dice is saved beside its
 result (``results/<study>/<method>.sources.json``) the first time, so the table can be printed
@@ -48,6 +56,8 @@ from imaml_seg.model import build_model, forward  # noqa: E402
 TAG = "SOURCESCORES"
 BATCH = 32
 """Images per forward pass (memory stays flat at any resolution)."""
+NEIGHBOURS = 2
+"""Reference studies nearest in the rule dataset's lead on each side that bound a prediction."""
 SOURCES = ".sources.json"
 """Suffix of a method's per-image Dice per dataset (``results/<study>/<method>.sources.json``)."""
 
@@ -101,13 +111,14 @@ def weights_dice(
 
 
 def method_scores(
-    root: Path, study: Study, method: str, load: Callable[[str], SegArrays] | None = None
+    root: Path, study: Study, method: str, load: Callable[[str], SegArrays] | None = None,
+    *, target: bool = True,
 ) -> dict[str, list[float]]:
-    """Per-image Dice per dataset (sources, then target) of ``study``'s ``method``: read from its
-    ``.sources.json``, else computed from its weights (``load(name)`` gives a dataset's arrays)
-    and saved."""
+    """Per-image Dice per dataset (sources, then the target unless ``target=False``) of
+    ``study``'s ``method``: read from its ``.sources.json``, else computed from its weights
+    (``load(name)`` gives a dataset's arrays) and saved."""
     config = study.config
-    names = [*config.sources, config.target]
+    names = [*config.sources, config.target] if target else list(config.sources)
 
     def compute(runs: Path, missing: list[str]) -> dict[str, list[float]]:
         return weights_dice(runs, method, {n: load(n) for n in missing},
@@ -127,28 +138,37 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def table(studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str]) -> str:
+def table(
+    studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str], *,
+    target: bool = True,
+) -> str:
     """Markdown: per study, each dataset's mean Dice of the two methods and their difference;
-    then each source's rank correlation with the target's difference over the studies."""
+    then each source's rank correlation with the target's difference over the studies (without
+    ``target``: the sources' columns only)."""
     config = studies[0].config
-    sources, target = list(config.sources), config.target
+    sources = list(config.sources)
+    goal = [config.target] if target else []
     first = scores[0][0]
     a, b = methods
-    head = [f"{n} ({len(first[n])} images)" for n in sources]
-    lines = [f"| study: {a} / {b} (difference, points) | " + " | ".join(head)
-             + f" | sources' mean | {target}, target ({len(first[target])} images) |",
-             "|---" * (len(sources) + 3) + "|"]
-    diffs: dict[str, list[float]] = {n: [] for n in [*sources, "mean", target]}
+    head = [f"{n} ({len(first[n])} images)" for n in [*sources, *goal]]
+    head.insert(len(sources), "sources' mean")
+    if goal:
+        head[-1] = f"{goal[0]}, target ({len(first[goal[0]])} images)"
+    lines = [f"| study: {a} / {b} (difference, points) | " + " | ".join(head) + " |",
+             "|---" * (len(head) + 1) + "|"]
+    diffs: dict[str, list[float]] = {n: [] for n in [*sources, "mean", *goal]}
     for study, (sa, sb) in zip(studies, scores, strict=True):
         cells = []
-        for n in [*sources, target]:
+        for n in [*sources, *goal]:
             ma, mb = float(np.mean(sa[n])), float(np.mean(sb[n]))
             diffs[n].append(100 * (ma - mb))
             cells.append(f"{ma:.3f} / {mb:.3f} ({100 * (ma - mb):+.1f})")
         diffs["mean"].append(float(np.mean([diffs[n][-1] for n in sources])))
         cells.insert(len(sources), f"{diffs['mean'][-1]:+.1f}")
         lines.append(f"| {study.name} | " + " | ".join(cells) + " |")
-    rho = [spearman(diffs[n], diffs[target]) for n in [*sources, "mean"]]
+    if not goal:
+        return "\n".join(lines)
+    rho = [spearman(diffs[n], diffs[goal[0]]) for n in [*sources, "mean"]]
     lines.append(f"| rank correlation with the target's difference ({len(studies)} studies) | "
                  + " | ".join("-" if np.isnan(r) else f"{r:+.2f}" for r in rho) + " | |")
     return "\n".join(lines)
@@ -167,8 +187,7 @@ def rule(
     a, b = methods
     kept, policy, always_a, always_b = [], [], [], []
     for sa, sb in scores:
-        lead = 100 * (float(np.mean(sa[dataset])) - float(np.mean(sb[dataset])))
-        kept.append(lead > points)
+        kept.append(_lead(sa, sb, dataset) > points)
         always_a.append(float(np.mean(sa[target])))
         always_b.append(float(np.mean(sb[target])))
         policy.append(always_a[-1] if kept[-1] else always_b[-1])
@@ -187,6 +206,50 @@ def rule(
             f"{versus(always_a)} over always {a} (mean +- sd over the studies).")
 
 
+def _lead(sa: dict, sb: dict, dataset: str) -> float:
+    """A's lead over B on ``dataset`` in points."""
+    return 100 * (float(np.mean(sa[dataset])) - float(np.mean(sb[dataset])))
+
+
+def predict(
+    studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str], dataset: str,
+    points: float, references: list[tuple[float, float]],
+) -> str:
+    """One line per study, from the sources alone: A's lead over B on ``dataset``, the weights the
+    rule keeps, and, from ``references`` (each reference study's ``(lead on dataset, lead on the
+    target)``), the target lead implied by rank: between the least and the greatest target lead
+    of the NEIGHBOURS references nearest below and the NEIGHBOURS nearest above on ``dataset``
+    (open-ended where there are none on one side)."""
+    if dataset not in scores[0][0]:
+        raise ConfigError(f"--rule: {dataset} is not one of {list(scores[0][0])}")
+    a, b = methods
+    target = studies[0].config.target
+    lines = []
+    for study, (sa, sb) in zip(studies, scores, strict=True):
+        lead = _lead(sa, sb, dataset)
+        keep = a if lead > points else b
+        line = (f"Prediction for {study.name}: {a} leads {b} on {dataset} by {lead:+.1f} points "
+                f"({np.mean(sa[dataset]):.3f} / {np.mean(sb[dataset]):.3f}), "
+                f"{'more' if keep == a else 'not more'} than {points:g}: the rule keeps {keep}.")
+        if references:
+            ordered = sorted(references)
+            below = [r for r in ordered if r[0] <= lead][-NEIGHBOURS:]
+            above = [r for r in ordered if r[0] > lead][:NEIGHBOURS]
+            goals = [t for _, t in below + above]
+            if below and above:
+                span = f"from {min(goals):+.1f} to {max(goals):+.1f} points"
+            elif below:
+                span = f"{min(goals):+.1f} points or more"
+            else:
+                span = f"{max(goals):+.1f} points or less"
+            named = "; ".join(f"{d:+.1f} -> {t:+.1f}" for d, t in below + above)
+            line += (f" By rank among {len(references)} reference studies (the {NEIGHBOURS} "
+                     f"nearest on each side, {dataset} -> {target} lead: {named}), {a}'s lead "
+                     f"on {target} should be {span}.")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("studies", nargs="+", help="training studies (experiments/<STUDY>.toml)")
@@ -195,23 +258,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", nargs=2, metavar=("DATASET", "POINTS"),
                    help="also score the rule: A's weights where A leads B on DATASET by more "
                    "than POINTS, else B's")
+    p.add_argument("--sources-only", action="store_true",
+                   help="score the sources only (the target is never loaded): with --rule, "
+                   "predict each study's choice before its target is scored")
+    p.add_argument("--reference", nargs="+", default=[], metavar="STUDY",
+                   help="with --sources-only and --rule: studies scored on the target too, whose "
+                   "ranks bound each prediction")
     readme_block.add_data_args(p)
     return p
 
 
 def make(args: argparse.Namespace, *, compute: bool = True) -> str:
     """The table for ``args``; with ``compute=False`` only from saved scores."""
-    studies = load_studies(args.root, args.studies)
+    if args.reference and not (args.sources_only and args.rule):
+        raise ConfigError("--reference needs --sources-only and --rule")
+    studies = load_studies(args.root, args.studies + args.reference)
+    references = studies[len(args.studies):]
+    studies = studies[:len(args.studies)]
+    if overlap := sorted({s.name for s in studies} & {s.name for s in references}):
+        raise ConfigError(f"--reference: {overlap[0]} is also a study to predict")
     load = readme_block.dataset_loader(args, studies[0].config.data.resolution)
-    scores = [tuple(method_scores(args.root, s, m, load if compute else None)
-                    for m in args.methods) for s in studies]
-    out = table(studies, scores, args.methods)
+    target = not args.sources_only
+
+    def scored(group: list[Study], target: bool) -> list[tuple[dict, dict]]:
+        return [tuple(method_scores(args.root, s, m, load if compute else None, target=target)
+                      for m in args.methods) for s in group]
+
+    scores = scored(studies, target)
+    out = table(studies, scores, args.methods, target=target)
     if args.rule:
         try:
             points = float(args.rule[1])
         except ValueError:
             raise ConfigError(f"--rule: POINTS must be a number, got {args.rule[1]!r}") from None
-        out += "\n\n" + rule(studies, scores, args.methods, args.rule[0], points)
+        if target:
+            out += "\n\n" + rule(studies, scores, args.methods, args.rule[0], points)
+        else:
+            goal = studies[0].config.target
+            leads = [(_lead(sa, sb, args.rule[0]), _lead(sa, sb, goal))
+                     for sa, sb in scored(references, True)]
+            out += "\n\n" + predict(studies, scores, args.methods, args.rule[0], points, leads)
     return out
 
 

@@ -139,3 +139,70 @@ def test_rule_keeps_a_where_it_leads_on_the_named_source_and_scores_it_on_the_ta
         studies, scores, ["imaml_warm", "transfer"], s1, 1.0)
     with pytest.raises(ConfigError, match="--rule: nowhere is not one of"):
         source_scores.rule(studies, scores, ["imaml_warm", "transfer"], "nowhere", 1.0)
+
+
+def test_sources_only_never_scores_the_target_and_predicts_from_references(
+    tmp_path, capsys
+) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 1)
+    run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
+    spec.with_name("ref.toml").write_text(
+        spec.read_text().replace('name = "mini"', 'name = "ref"\ntrain_from = "mini"'))
+    study = source_scores.load_studies(tmp_path, ["mini"])[0]
+    target = study.config.target
+    common = ["--root", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    assert source_scores.main(["mini", "--sources-only", *common]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("| sources' mean |") and target not in out
+    saved = json.loads((tmp_path / "results" / "mini" / "transfer.sources.json").read_text())
+    assert sorted(saved) == sorted(study.config.sources)  # the target was never scored
+    # The reference is scored on the target as well; the study to predict still is not.
+    assert source_scores.main(["mini", "--sources-only", "--rule", study.config.sources[0], "0",
+                               "--reference", "ref", *common]) == 0
+    out = capsys.readouterr().out
+    assert "Prediction for mini: imaml_warm leads transfer on" in out
+    assert "By rank among 1 reference studies" in out
+    assert target in json.loads(
+        (tmp_path / "results" / "ref" / "transfer.sources.json").read_text())
+    assert target not in json.loads(
+        (tmp_path / "results" / "mini" / "transfer.sources.json").read_text())
+    assert source_scores.main(["mini", "--rule", "x", "1", "--reference", "ref", *common]) == 2
+    assert "--reference needs --sources-only and --rule" in capsys.readouterr().err
+    assert source_scores.main(["mini", "--sources-only", "--rule", "x", "1", "--reference",
+                               "mini", *common]) == 2
+    assert "--reference: mini is also a study to predict" in capsys.readouterr().err
+
+
+def test_prediction_keeps_by_the_threshold_and_bounds_by_the_nearest_references(
+    tmp_path,
+) -> None:
+    mini_study(tmp_path, ["transfer"], 1, [1], 1)
+    studies = source_scores.load_studies(tmp_path, ["mini"])
+    s0, s1 = studies[0].config.sources
+    target = studies[0].config.target
+    # A leads by 1.2 points on source 0: more than 1, so A is kept.
+    scores = [({s0: [0.512], s1: [0.5]}, {s0: [0.5], s1: [0.5]})]
+    references = [(0.0, -5.0), (0.5, 1.0), (1.0, 3.0), (2.0, 4.0), (3.0, 8.0)]
+    line = source_scores.predict(studies, scores, ["imaml_warm", "transfer"], s0, 1.0,
+                                 references)
+    assert f"leads transfer on {s0} by +1.2 points (0.512 / 0.500), more than 1: the rule " \
+           "keeps imaml_warm." in line
+    # Two nearest below (+0.5, +1.0) and above (+2.0, +3.0): target leads 1, 3, 4, 8.
+    assert f"{s0} -> {target} lead: +0.5 -> +1.0; +1.0 -> +3.0; +2.0 -> +4.0; +3.0 -> +8.0)" \
+        in line
+    assert "should be from +1.0 to +8.0 points." in line
+    # Above every reference: open-ended, at least the least of the two nearest below.
+    high = [({s0: [0.56], s1: [0.5]}, {s0: [0.5], s1: [0.5]})]
+    line = source_scores.predict(studies, high, ["imaml_warm", "transfer"], s0, 1.0,
+                                 references)
+    assert "should be +4.0 points or more." in line
+    # At or under the threshold B is kept; without references no range is given.
+    low = [({s0: [0.505], s1: [0.5]}, {s0: [0.5], s1: [0.5]})]
+    line = source_scores.predict(studies, low, ["imaml_warm", "transfer"], s0, 1.0, [])
+    assert line.endswith("not more than 1: the rule keeps transfer.")
+    # Below every reference: at most the greatest of the two nearest above (-5.0, +1.0).
+    assert "should be +1.0 points or less." in source_scores.predict(
+        studies, [({s0: [0.49], s1: [0.5]}, {s0: [0.5], s1: [0.5]})],
+        ["imaml_warm", "transfer"], s0, 1.0, references)
+    with pytest.raises(ConfigError, match="--rule: nowhere is not one of"):
+        source_scores.predict(studies, low, ["imaml_warm", "transfer"], "nowhere", 1.0, [])
