@@ -138,6 +138,11 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
+def _lead(sa: dict, sb: dict, dataset: str) -> float:
+    """A's lead over B on ``dataset`` in points."""
+    return 100 * (float(np.mean(sa[dataset])) - float(np.mean(sb[dataset])))
+
+
 def table(
     studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str], *,
     target: bool = True,
@@ -150,10 +155,8 @@ def table(
     goal = [config.target] if target else []
     first = scores[0][0]
     a, b = methods
-    head = [f"{n} ({len(first[n])} images)" for n in [*sources, *goal]]
-    head.insert(len(sources), "sources' mean")
-    if goal:
-        head[-1] = f"{goal[0]}, target ({len(first[goal[0]])} images)"
+    head = [f"{n} ({len(first[n])} images)" for n in sources] + ["sources' mean"]
+    head += [f"{n}, target ({len(first[n])} images)" for n in goal]
     lines = [f"| study: {a} / {b} (difference, points) | " + " | ".join(head) + " |",
              "|---" * (len(head) + 1) + "|"]
     diffs: dict[str, list[float]] = {n: [] for n in [*sources, "mean", *goal]}
@@ -206,11 +209,6 @@ def rule(
             f"{versus(always_a)} over always {a} (mean +- sd over the studies).")
 
 
-def _lead(sa: dict, sb: dict, dataset: str) -> float:
-    """A's lead over B on ``dataset`` in points."""
-    return 100 * (float(np.mean(sa[dataset])) - float(np.mean(sb[dataset])))
-
-
 def predict(
     studies: list[Study], scores: list[tuple[dict, dict]], methods: list[str], dataset: str,
     points: float, references: list[tuple[float, float]],
@@ -224,6 +222,7 @@ def predict(
         raise ConfigError(f"--rule: {dataset} is not one of {list(scores[0][0])}")
     a, b = methods
     target = studies[0].config.target
+    ordered = sorted(references)
     lines = []
     for study, (sa, sb) in zip(studies, scores, strict=True):
         lead = _lead(sa, sb, dataset)
@@ -232,7 +231,6 @@ def predict(
                 f"({np.mean(sa[dataset]):.3f} / {np.mean(sb[dataset]):.3f}), "
                 f"{'more' if keep == a else 'not more'} than {points:g}: the rule keeps {keep}.")
         if references:
-            ordered = sorted(references)
             below = [r for r in ordered if r[0] <= lead][-NEIGHBOURS:]
             above = [r for r in ordered if r[0] > lead][:NEIGHBOURS]
             goals = [t for _, t in below + above]
@@ -280,8 +278,9 @@ def make(args: argparse.Namespace, *, compute: bool = True) -> str:
     load = readme_block.dataset_loader(args, studies[0].config.data.resolution)
     target = not args.sources_only
 
-    def scored(group: list[Study], target: bool) -> list[tuple[dict, dict]]:
-        return [tuple(method_scores(args.root, s, m, load if compute else None, target=target)
+    def scored(group: list[Study], with_target: bool) -> list[tuple[dict, dict]]:
+        return [tuple(method_scores(args.root, s, m, load if compute else None,
+                                    target=with_target)
                       for m in args.methods) for s in group]
 
     scores = scored(studies, target)
