@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from imaml_seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from imaml_seg.config import ModelConfig, RunConfig
+from imaml_seg.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    blend_with_start,
+    load_checkpoint,
+    save_checkpoint,
+)
+from imaml_seg.config import ConfigError, ModelConfig, RunConfig, merge
 from imaml_seg.model import build_model, get_params
 
 TINY = RunConfig(model=ModelConfig(features=(2, 2, 4, 4, 8, 2)))
@@ -64,3 +70,31 @@ def test_nan_weights_are_refused(tmp_path) -> None:
     path = save_checkpoint(tmp_path / "n.safetensors", ckpt)
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(path)
+
+
+def test_blend_with_start_mixes_in_the_warm_start_by_its_fraction(tmp_path) -> None:
+    theta = {k: torch.zeros_like(v) for k, v in make().theta.items()}
+    start = save_checkpoint(
+        tmp_path / "start.safetensors", Checkpoint(TINY, {k: torch.ones_like(v) + 3 for k, v in
+                                                          theta.items()})
+    )
+    warm = merge(TINY, {"meta": {"warm_start": str(start)}})
+    assert blend_with_start(theta, warm) is theta  # start_blend = 0: the weights as learned
+    quarter = blend_with_start(theta, merge(warm, {"eval": {"start_blend": 0.25}}))
+    assert all(torch.equal(v, torch.full_like(v, 1.0)) for v in quarter.values())  # 0.75 0 + 0.25 4
+    whole = blend_with_start(theta, merge(warm, {"eval": {"start_blend": 1.0}}))
+    assert all(torch.equal(v, torch.full_like(v, 4.0)) for v in whole.values())
+    with pytest.raises(ConfigError, match="meta.warm_start is unset"):
+        blend_with_start(theta, merge(TINY, {"eval": {"start_blend": 0.5}}))
+    gone = merge(warm, {"meta": {"warm_start": str(tmp_path / "gone.safetensors")},
+                        "eval": {"start_blend": 0.5}})
+    with pytest.raises(CheckpointError, match="gone.safetensors: checkpoint not found"):
+        blend_with_start(theta, gone)
+    other = RunConfig(model=ModelConfig(features=(4, 4, 4, 4, 8, 4)))
+    torch.manual_seed(0)
+    odd = save_checkpoint(tmp_path / "odd.safetensors",
+                          Checkpoint(other, get_params(build_model(other.model))))
+    mismatch = merge(warm, {"meta": {"warm_start": str(odd)}, "eval": {"start_blend": 0.5}})
+    with pytest.raises(CheckpointError, match="odd.safetensors: the warm start's weights do not"):
+        blend_with_start(theta, mismatch)
+

@@ -310,3 +310,35 @@ def test_support_cv_on_one_image_says_it_could_not_choose(tiny_model, tmp_path, 
     assert f"{support} holds one labelled image" in err and "adapted 4 steps" in err
     assert "--inner-steps 0" in err and "by support CV" not in out
     assert load_checkpoint(adapted).state["inner_steps"] == 4
+
+
+def test_start_blend_adapts_from_the_mix_with_the_warm_start_once(tiny_model, tmp_path,
+                                                                   capsys) -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from imaml_seg.checkpoint import load_checkpoint, save_checkpoint
+    from imaml_seg.config import merge
+
+    start = load_checkpoint(tiny_model)
+    warm = save_checkpoint(tmp_path / "warm.safetensors", replace(
+        start, config=merge(start.config, {"meta": {"warm_start": str(tiny_model)}}),
+        theta={k: v + 1 for k, v in start.theta.items()}))
+    support = generic_tree(tmp_path / "support", n=2, h=40, w=52)
+    adapted = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(warm), "--support", str(support), "--out",
+                 str(adapted), "--inner-steps", "0", "--start-blend", "0.5", "-q"]) == 0
+    back = load_checkpoint(adapted)
+    for k, v in start.theta.items():  # (1 - 0.5)(theta + 1) + 0.5 theta
+        assert torch.allclose(back.theta[k], v + 0.5)
+    # The saved weights are the mix already: the setting is recorded, not left to apply again.
+    assert back.config.eval.start_blend == 0.0 and back.state["start_blend"] == 0.5
+    images = generic_tree(tmp_path / "new", n=1, h=30, w=44) / "images"
+    assert main(["predict", "--model", str(warm), "--images", str(images), "--out",
+                 str(tmp_path / "pred"), "--start-blend", "0.5", "-q"]) == 0
+    assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == 1
+    err = error_of(capsys, ["evaluate", str(tiny_model), "--start-blend", "0.5", "-q"])
+    assert "meta.warm_start is unset" in err
+    err = error_of(capsys, ["evaluate", str(warm), "--start-blend", "2", "-q"])
+    assert "eval.start_blend must be in [0, 1]" in err

@@ -22,6 +22,7 @@ TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
         ({"meta": {"algorithm": "mamll"}}, "meta.algorithm must be one of"),
         ({"data": {"resolution": 40}}, "multiple of 16"),
         ({"eval": {"support_cv_rule": "1se"}}, "eval.support_cv_rule must be one of"),
+        ({"eval": {"start_blend": 1.5}}, r"eval.start_blend must be in \[0, 1\]"),
     ],
 )
 def test_values_that_cannot_work_are_refused_with_the_key(overrides, message) -> None:

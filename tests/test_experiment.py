@@ -415,3 +415,43 @@ def test_units_that_ignore_the_support_set_get_no_p_value_between_them(tmp_path)
     transfer_row = table.split("| transfer |")[1].split("\n")[0]
     assert transfer_row.endswith(f"| - / {p_images:.2g} |")  # its p-values against imaml
     assert "transfer, imaml score the same on every 2-shot draw" in table
+
+
+def test_start_blend_scores_warm_imaml_from_its_mix_with_transfer(tmp_path) -> None:
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+
+    def write(name: str, methods: list[str], eval_: str, extra: str = "") -> Path:
+        spec = folder / f"{name}.toml"
+        train_from = 'train_from = "mini"\n' if name != "mini" else ""
+        spec.write_text(
+            f'name = "{name}"\n{train_from}preset = "{TINY}"\nmethods = {json.dumps(methods)}\n'
+            f"[overrides]\neval = {{ shots = [2], draws = 2, inner_steps = 0{eval_} }}\n{extra}"
+        )
+        return spec
+
+    run_experiment(write("mini", ["transfer", "imaml_warm"], ""), Paths(Path(".")), quiet=True)
+    results = tmp_path / "results"
+
+    def dice(study: str, method: str) -> list[float]:
+        records = json.loads((results / study / f"{method}.json").read_text())["records"]
+        return [r["dice"] for r in sorted(records, key=lambda r: r["draw"])]
+
+    assert dice("mini", "imaml_warm") != dice("mini", "transfer")
+    # All of the start: warm iMAML's weights become transfer's, and so do its scores.
+    run_experiment(write("whole", ["imaml_warm"], ", start_blend = 1.0"), Paths(Path(".")),
+                   quiet=True)
+    assert dice("whole", "imaml_warm") == dice("mini", "transfer")
+    assert json.loads((results / "whole" / "imaml_warm.json").read_text())["eval"][
+        "start_blend"] == 1.0
+    # Only imaml_warm has a start to blend with: a study listing others is refused at once ...
+    with pytest.raises(ConfigError, match="only imaml_warm has them.*transfer, imaml_warm"):
+        Study.from_file(write("both", ["transfer", "imaml_warm"], ", start_blend = 0.5"))
+    # ... and a tuned study tries the fraction for imaml_warm alone.
+    tuned = write("tuned", ["transfer", "imaml_warm"], "",
+                  "[tune]\ntasks = 2\nstages = [[{}, {start_blend = 1.0}]]\n")
+    run_experiment(tuned, Paths(Path(".")), quiet=True)
+    tried = {m: [c["eval"] for c in json.loads(
+        (results / "tuned" / f"{m}.tune.json").read_text())["candidates"]]
+        for m in ("transfer", "imaml_warm")}
+    assert tried == {"transfer": [{}], "imaml_warm": [{}, {"start_blend": 1.0}]}

@@ -132,3 +132,29 @@ def check_architecture(
         if not torch.isfinite(value).all():
             raise CheckpointError(f"{path}: weight '{name}' holds NaN or Inf")
     return list(expected)
+
+
+def blend_with_start(theta: Params, config: RunConfig) -> Params:
+    """The weights a warm-started run adapts from: ``theta`` with ``config.eval.start_blend``
+    (``b``) of its start's weights mixed in, ``(1 - b) theta + b theta_start``.
+
+    Meta-training from a start (iMAML from transfer's weights) stays near it, and points on the
+    straight line between the two can keep what each end does well and vary less over training
+    seeds than either (weight-space ensembling: Wortsman et al., "Robust fine-tuning of zero-shot
+    models", CVPR 2022).  ``b = 0`` returns ``theta`` itself; the start is read from the
+    checkpoint ``config.meta.warm_start`` names."""
+    b = config.eval.start_blend
+    if b == 0:
+        return theta
+    path = config.meta.warm_start
+    if path is None:
+        raise ConfigError(
+            f"eval.start_blend = {b} mixes in the weights a run was warm-started from, and this "
+            f"{config.meta.algorithm} run has none (meta.warm_start is unset)"
+        )
+    start = load_checkpoint(path).theta
+    if start.keys() != theta.keys() or any(start[k].shape != theta[k].shape for k in theta):
+        raise CheckpointError(
+            f"{path}: the warm start's weights do not fit the run's model (eval.start_blend)"
+        )
+    return {k: torch.lerp(v, start[k].to(v), b) for k, v in theta.items()}

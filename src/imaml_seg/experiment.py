@@ -59,7 +59,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from imaml_seg.baselines import build_baseline
-from imaml_seg.checkpoint import load_checkpoint, save_checkpoint
+from imaml_seg.checkpoint import blend_with_start, load_checkpoint, save_checkpoint
 from imaml_seg.config import SUPPORT_CV_RULE_WORDS, ConfigError, RunConfig, load, merge, to_dict
 from imaml_seg.data.cache import SegArrays, load_arrays
 from imaml_seg.data.tasks import Task, TaskSampler, draw_support, test_pool
@@ -127,6 +127,11 @@ class Study:
         if unknown:
             raise ConfigError(f"{path}: unknown methods {unknown} (known: {', '.join(METHODS)})")
         config = merge(base, overrides)
+        if config.eval.start_blend and set(methods) != {"imaml_warm"}:
+            raise ConfigError(
+                f"{path}: eval.start_blend mixes in the weights a run was warm-started from; "
+                f"only imaml_warm has them, so list it alone (methods: {', '.join(methods)})"
+            )
         tune = spec.get("tune", {})
         unknown = sorted(set(tune) - {"stages", "menu", "tasks", "per_shot"})
         if unknown:
@@ -398,7 +403,8 @@ def load_method(
     if method == "scratch":
         theta = init_theta(config, device)
     else:
-        theta = {k: v.to(device) for k, v in load_checkpoint(runs / method).theta.items()}
+        theta = load_checkpoint(runs / method).theta
+        theta = {k: v.to(device) for k, v in blend_with_start(theta, config).items()}
     model = build_model(config.model).to(device)
     return AdaptedModel.from_config(method, model, theta, config, device)
 
@@ -554,6 +560,8 @@ def _choose(
         for candidate in stage:
             if method in BASELINES and set(candidate) & _ADAPTATION_ONLY:
                 continue  # the baselines do not adapt: only test-time augmentation applies
+            if method != "imaml_warm" and candidate.get("start_blend"):
+                continue  # no warm start to blend with
             trial = {**chosen, **candidate}
             key = json.dumps(trial, sort_keys=True)
             if key not in scores:
