@@ -15,6 +15,12 @@ methods (the seed ensemble's tests; the per-seed tests are in each study's repor
 and over the test images (each image's Dice averaged over the draws too).
 A method missing from a study is shown as "-" and left out of that seed's statistics.
 
+One training run's units scored by several studies (the same ``train_seed`` and draws, other
+test-time settings: a ``train_from`` study) are named ``A+B``: B's units join A's, each named
+``method@rest``, where rest is what B's name adds after the words it shares with A's
+(``unseen_polyp_4x_seed0_start03_zeroshot+unseen_polyp_4x_seed0_start03_blendzero`` gives
+``imaml_warm@blendzero``), so that ``--pairs imaml_warm@blendzero:transfer`` compares them.
+
 ``--readme README.md`` writes the tables between ``<!-- SEEDS: ARGS -->`` and ``<!-- /SEEDS -->``,
 where ARGS are this command's other arguments (tests/test_readme.py checks that they stay true).
 """
@@ -47,13 +53,17 @@ def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Unit]]]:
     a training seed given twice."""
     loaded = []
     for name in names:
-        study = Study.from_file(root / "experiments" / f"{name}.toml")
-        units = {}
-        for method in study.methods:
-            result = root / "results" / study.name / f"{method}.json"
-            if result.is_file():
-                records = json.loads(result.read_text())["records"]
-                units[method] = {(r["shots"], r["draw"]): r for r in records}
+        study, *others = [Study.from_file(root / "experiments" / f"{part}.toml")
+                          for part in name.split("+")]
+        units = _units(root, study, "")
+        for other in others:
+            other.check_same_draws(study)
+            if other.config.training_seed != study.config.training_seed:
+                raise ConfigError(
+                    f"{name}: {other.name} has training seed {other.config.training_seed}, "
+                    f"{study.name} {study.config.training_seed}; '+' joins one run's units"
+                )
+            units.update(_units(root, other, "@" + _rest(study.name, other.name)))
         loaded.append((study, units))
     first = loaded[0][0]
     for study, _ in loaded[1:]:
@@ -62,6 +72,27 @@ def load(root: Path, names: list[str]) -> list[tuple[Study, dict[str, Unit]]]:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"training seeds {seeds} of {names}: each study needs its own")
     return loaded
+
+
+def _units(root: Path, study: Study, suffix: str) -> dict[str, Unit]:
+    """The per-draw records of ``study``'s finished units, named ``method + suffix``."""
+    units = {}
+    for method in study.methods:
+        result = root / "results" / study.name / f"{method}.json"
+        if result.is_file():
+            records = json.loads(result.read_text())["records"]
+            units[method + suffix] = {(r["shots"], r["draw"]): r for r in records}
+    return units
+
+
+def _rest(first: str, other: str) -> str:
+    """The words ('_'-separated) of ``other`` after those it shares with ``first`` from the
+    start: ``_rest("a_b_zeroshot", "a_b_blend_cv") == "blend_cv"``."""
+    a, b = first.split("_"), other.split("_")
+    shared = 0
+    while shared < min(len(a), len(b) - 1) and a[shared] == b[shared]:
+        shared += 1
+    return "_".join(b[shared:])
 
 
 def _mean(unit: Unit, shots: int, draws: list[int]) -> float:

@@ -110,3 +110,20 @@ def test_readme_block_is_written_in_place_and_a_missing_block_is_an_error(tmp_pa
     readme.write_text("no block\n")
     assert seed_spread.main([*args, "--readme", str(readme)]) == 2
     assert readme.read_text() == "no block\n"
+
+
+def test_plus_joins_one_runs_units_scored_by_another_study(tmp_path, capsys) -> None:
+    study = mini_study(tmp_path, ["scratch", "imaml"], 2, [1], 2)
+    run_experiment(study, Paths(Path(".")), quiet=True)
+    retrained(study, "mini_seed1", 1, 0.1)
+    # mini_other: mini's run scored again (here: iMAML 0.2 higher on every draw and image).
+    retrained(study, "mini_other", 0, 0.2)
+    retrained(study, "mini_seed1_other", 1, 0.3)
+    loaded = seed_spread.load(tmp_path, ["mini+mini_other", "mini_seed1+mini_seed1_other"])
+    assert set(loaded[0][1]) == {"scratch", "imaml", "scratch@other", "imaml@other"}
+    (pair,) = seed_spread.pair_rows(loaded, [("imaml@other", "imaml")], [1])
+    assert pair["per_seed"] == pytest.approx([20.0, 20.0])
+    assert seed_spread._rest("a_b_zeroshot", "a_b_blend_cv") == "blend_cv"
+    assert seed_spread._rest("a_b", "a_b_c") == "c" and seed_spread._rest("x", "y_z") == "y_z"
+    with pytest.raises(ConfigError, match="mini_seed1 has training seed 1, mini 0; '\\+' joins"):
+        seed_spread.load(tmp_path, ["mini+mini_seed1"])
