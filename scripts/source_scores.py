@@ -22,6 +22,11 @@ too), the target's lead that the study's rank on DATASET implies::
     python scripts/source_scores.py unseen_polyp_4x_seed5_start03 --sources-only \\
         --rule Kvasir-SEG 1 --reference unseen_polyp_4x_seed0_start03 ...
 
+A method named ``METHOD@REST`` is ``METHOD`` of study ``<STUDY>_<REST>``, which scores STUDY's
+trained weights (``train_from``) with ``[eval]`` settings that change them (``start_blend``):
+``--methods imaml_warm@blendzero transfer`` compares warm iMAML blended with its start
+(``unseen_polyp_4x_seed0_start03_blendzero``) with transfer as trained.
+
 The studies must share sources, target and resolution.  Weights are read from
 ``runs/<study>/<method>`` below ``--root``; each method's per-image Dice is saved beside its
 result (``results/<study>/<method>.sources.json``) the first time, so the table can be printed
@@ -45,11 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
 from compare_units import saved_unit_scores  # noqa: E402
 
-from imaml_seg.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from imaml_seg.config import ConfigError  # noqa: E402
+from imaml_seg.checkpoint import (  # noqa: E402
+    CheckpointError,
+    blend_with_start,
+    load_checkpoint,
+)
+from imaml_seg.config import ConfigError, RunConfig  # noqa: E402
 from imaml_seg.data.cache import SegArrays  # noqa: E402
 from imaml_seg.data.tasks import test_pool  # noqa: E402
-from imaml_seg.experiment import Study  # noqa: E402
+from imaml_seg.experiment import Study, method_config  # noqa: E402
 from imaml_seg.metrics import dice  # noqa: E402
 from imaml_seg.model import build_model, forward  # noqa: E402
 
@@ -89,12 +98,14 @@ def load_studies(root: Path, names: list[str]) -> list[Study]:
 @torch.no_grad()
 def weights_dice(
     runs: Path, method: str, datasets: dict[str, SegArrays], *, test_fraction: float,
-    split_seed: int,
+    split_seed: int, config: RunConfig | None = None,
 ) -> dict[str, list[float]]:
     """``{name: Dice of each test-pool image}`` of the weights in ``runs/<method>`` on each of
-    ``datasets`` (``{name: arrays}``), predicted as they are (sigmoid > 0.5, no adaptation)."""
+    ``datasets`` (``{name: arrays}``), predicted as they are (sigmoid > 0.5, no adaptation), or
+    blended with their start first where ``config.eval.start_blend`` says so."""
     try:
         checkpoint = load_checkpoint(runs / method)
+        theta = checkpoint.theta if config is None else blend_with_start(checkpoint.theta, config)
     except CheckpointError as err:
         raise ConfigError(str(err)) from err
     model = build_model(checkpoint.config.model)
@@ -104,7 +115,7 @@ def weights_dice(
         scores = []
         for start in range(0, len(x), BATCH):
             batch = slice(start, start + BATCH)
-            pred = (torch.sigmoid(forward(model, checkpoint.theta, x[batch])) > 0.5).float()
+            pred = (torch.sigmoid(forward(model, theta, x[batch])) > 0.5).float()
             scores += dice(pred, y[batch]).flatten().tolist()
         out[name] = [round(v, 6) for v in scores]
     return out
@@ -115,19 +126,35 @@ def method_scores(
     *, target: bool = True,
 ) -> dict[str, list[float]]:
     """Per-image Dice per dataset (sources, then the target unless ``target=False``) of
-    ``study``'s ``method``: read from its ``.sources.json``, else computed from its weights
-    (``load(name)`` gives a dataset's arrays) and saved."""
+    ``study``'s ``method`` (``METHOD@REST``: :func:`rescoring`): read from its
+    ``.sources.json``, else computed from its weights (``load(name)`` gives a dataset's arrays)
+    and saved."""
+    study, method = rescoring(root, study, method)
     config = study.config
     names = [*config.sources, config.target] if target else list(config.sources)
 
     def compute(runs: Path, missing: list[str]) -> dict[str, list[float]]:
         return weights_dice(runs, method, {n: load(n) for n in missing},
                             test_fraction=config.data.test_fraction,
-                            split_seed=config.data.split_seed)
+                            split_seed=config.data.split_seed,
+                            config=method_config(study, method, runs))
 
     saved = saved_unit_scores(root, study, method, SOURCES, names,
                               None if load is None else compute)
     return {n: saved[n] for n in names}
+
+
+def rescoring(root: Path, study: Study, method: str) -> tuple[Study, str]:
+    """``(study, method)``, or for ``METHOD@REST`` the study ``<study>_<REST>`` and ``METHOD``:
+    a study that scores ``study``'s trained weights with other ``[eval]`` settings."""
+    name, _, rest = method.partition("@")
+    if not rest:
+        return study, method
+    again = Study.from_file(root / "experiments" / f"{study.name}_{rest}.toml")
+    if again.train_from != study.name or name not in again.methods:
+        raise ConfigError(f"{method}: {again.name} does not score {study.name}'s {name} "
+                          f"(it needs train_from = '{study.name}' and {name} in its methods)")
+    return again, name
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -206,3 +206,26 @@ def test_prediction_keeps_by_the_threshold_and_bounds_by_the_nearest_references(
         ["imaml_warm", "transfer"], s0, 1.0, references)
     with pytest.raises(ConfigError, match="--rule: nowhere is not one of"):
         source_scores.predict(studies, low, ["imaml_warm", "transfer"], "nowhere", 1.0, [])
+
+
+def test_method_at_rest_scores_the_weights_blended_by_another_study(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 2)
+    run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
+    # mini_whole scores mini's warm iMAML wholly blended into its start: transfer's weights.
+    spec.with_name("mini_whole.toml").write_text(
+        spec.read_text().replace('name = "mini"', 'name = "mini"\ntrain_from = "mini"')
+        .replace('name = "mini"', 'name = "mini_whole"', 1)
+        .replace('methods = ["transfer", "imaml_warm"]', 'methods = ["imaml_warm"]')
+        .replace("draws = 2 }", "draws = 2, start_blend = 1.0 }"))
+    study = source_scores.load_studies(tmp_path, ["mini"])[0]
+
+    def load(name):
+        return load_arrays(name, study.config.data.resolution, data_root=None,
+                           cache_dir=tmp_path / "cache")
+
+    whole = source_scores.method_scores(tmp_path, study, "imaml_warm@whole", load)
+    assert whole == source_scores.method_scores(tmp_path, study, "transfer", load)
+    assert whole != source_scores.method_scores(tmp_path, study, "imaml_warm", load)
+    assert (tmp_path / "results" / "mini_whole" / "imaml_warm.sources.json").is_file()
+    with pytest.raises(ConfigError, match="mini_whole does not score mini's transfer"):
+        source_scores.method_scores(tmp_path, study, "transfer@whole", load)
