@@ -58,7 +58,7 @@ from imaml_seg.checkpoint import (  # noqa: E402
 from imaml_seg.config import ConfigError, RunConfig  # noqa: E402
 from imaml_seg.data.cache import SegArrays  # noqa: E402
 from imaml_seg.data.tasks import test_pool  # noqa: E402
-from imaml_seg.experiment import Study, method_config  # noqa: E402
+from imaml_seg.experiment import TUNED, Study, method_config, tuned_choice  # noqa: E402
 from imaml_seg.metrics import dice  # noqa: E402
 from imaml_seg.model import build_model, forward  # noqa: E402
 
@@ -134,10 +134,17 @@ def method_scores(
     names = [*config.sources, config.target] if target else list(config.sources)
 
     def compute(runs: Path, missing: list[str]) -> dict[str, list[float]]:
+        results = root / "results" / study.name
+        if study.tune_stages and not (results / f"{method}{TUNED}").is_file():
+            raise ConfigError(f"{study.name}:{method}: not tuned yet; run the study first")
+        chosen = tuned_choice(results, method)  # a start_blend chosen on the sources
+        if "per_shot" in chosen:
+            raise ConfigError(f"{study.name}:{method}: settings chosen per shot count; which "
+                              "weights to score is ambiguous")
         return weights_dice(runs, method, {n: load(n) for n in missing},
                             test_fraction=config.data.test_fraction,
                             split_seed=config.data.split_seed,
-                            config=method_config(study, method, runs))
+                            config=method_config(study, method, runs, chosen))
 
     saved = saved_unit_scores(root, study, method, SOURCES, names,
                               None if load is None else compute)

@@ -229,3 +229,14 @@ def test_method_at_rest_scores_the_weights_blended_by_another_study(tmp_path) ->
     assert (tmp_path / "results" / "mini_whole" / "imaml_warm.sources.json").is_file()
     with pytest.raises(ConfigError, match="mini_whole does not score mini's transfer"):
         source_scores.method_scores(tmp_path, study, "transfer@whole", load)
+    # A blend chosen on the sources (a tuned study) is read from its choice.
+    spec.with_name("mini_tuned.toml").write_text(
+        spec.read_text().replace('name = "mini"', 'name = "mini_tuned"\ntrain_from = "mini"')
+        .replace('methods = ["transfer", "imaml_warm"]', 'methods = ["imaml_warm"]')
+        + "[tune]\nstages = [[{}, {start_blend = 1.0}]]\n")
+    with pytest.raises(ConfigError, match="mini_tuned:imaml_warm: not tuned yet"):
+        source_scores.method_scores(tmp_path, study, "imaml_warm@tuned", load)
+    folder = tmp_path / "results" / "mini_tuned"
+    folder.mkdir()
+    (folder / "imaml_warm.tune.json").write_text(json.dumps({"chosen": {"start_blend": 1.0}}))
+    assert source_scores.method_scores(tmp_path, study, "imaml_warm@tuned", load) == whole
