@@ -203,6 +203,10 @@ def table(
         diffs["mean"].append(float(np.mean([diffs[n][-1] for n in sources])))
         cells.insert(len(sources), f"{diffs['mean'][-1]:+.1f}")
         lines.append(f"| {study.name} | " + " | ".join(cells) + " |")
+    if len(studies) > 1:
+        lines.append(f"| difference over the {len(studies)} studies, mean +- sd | " + " | ".join(
+            f"{np.mean(diffs[n]):+.1f} +- {np.std(diffs[n], ddof=1):.1f}"
+            for n in [*sources, "mean", *goal]) + " |")
     if not goal:
         return "\n".join(lines)
     rho = [spearman(diffs[n], diffs[goal[0]]) for n in [*sources, "mean"]]

@@ -94,7 +94,11 @@ def test_table_gives_each_dataset_its_difference_and_the_rank_correlation(tmp_pa
                              f"{target}, target (3 images) |")
     assert lines[2] == "| a | 0.600 / 0.500 (+10.0) | 0.500 / 0.500 (+0.0) | +5.0 | " \
                        "0.520 / 0.500 (+2.0) |"
-    assert lines[5] == "| rank correlation with the target's difference (3 studies) | +1.00 | " \
+    # Each column's difference over the studies: source 0 +10, +20, +5; source 1 0, -10, +10;
+    # their means +5, +5, +7.5; the target +2, +5, +1.
+    assert lines[5] == "| difference over the 3 studies, mean +- sd | +11.7 +- 7.6 | +0.0 +- 10.0 " \
+                       "| +5.8 +- 1.4 | +2.7 +- 2.1 |"
+    assert lines[6] == "| rank correlation with the target's difference (3 studies) | +1.00 | " \
                        "-1.00 | -0.87 | |"
 
 
