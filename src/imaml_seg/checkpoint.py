@@ -152,6 +152,11 @@ def blend_with_start(theta: Params, config: RunConfig) -> Params:
             f"eval.start_blend = {b} mixes in the weights a run was warm-started from, and this "
             f"{config.meta.algorithm} run has none (meta.warm_start is unset)"
         )
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint not found; eval.start_blend needs the weights this run was "
+            "warm-started from (meta.warm_start) where its config names them"
+        )
     start = load_checkpoint(path).theta
     if start.keys() != theta.keys() or any(start[k].shape != theta[k].shape for k in theta):
         raise CheckpointError(
