@@ -96,8 +96,8 @@ def test_table_gives_each_dataset_its_difference_and_the_rank_correlation(tmp_pa
                        "0.520 / 0.500 (+2.0) |"
     # Each column's difference over the studies: source 0 +10, +20, +5; source 1 0, -10, +10;
     # their means +5, +5, +7.5; the target +2, +5, +1.
-    assert lines[5] == "| difference over the 3 studies, mean +- sd | +11.7 +- 7.6 | +0.0 +- 10.0 " \
-                       "| +5.8 +- 1.4 | +2.7 +- 2.1 |"
+    assert lines[5] == "| difference over the 3 studies, mean +- sd | +11.7 +- 7.6 | " \
+                       "+0.0 +- 10.0 | +5.8 +- 1.4 | +2.7 +- 2.1 |"
     assert lines[6] == "| rank correlation with the target's difference (3 studies) | +1.00 | " \
                        "-1.00 | -0.87 | |"
 
