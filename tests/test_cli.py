@@ -340,5 +340,17 @@ def test_start_blend_adapts_from_the_mix_with_the_warm_start_once(tiny_model, tm
     assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == 1
     err = error_of(capsys, ["evaluate", str(tiny_model), "--start-blend", "0.5", "-q"])
     assert "meta.warm_start is unset" in err
+    # A blend in the model's own config is applied too; blend_only_unadapted is refused.
+    for only, name in ((False, "own"), (True, "only")):
+        save_checkpoint(tmp_path / f"{name}.safetensors", replace(
+            load_checkpoint(warm), config=merge(load_checkpoint(warm).config, {
+                "eval": {"start_blend": 0.5, "blend_only_unadapted": only}})))
+    assert main(["adapt", "--model", str(tmp_path / "own.safetensors"), "--support",
+                 str(support), "--out", str(tmp_path / "own_adapted.safetensors"),
+                 "--inner-steps", "0", "-q"]) == 0
+    own = load_checkpoint(tmp_path / "own_adapted.safetensors").theta
+    assert all(torch.allclose(own[k], back.theta[k]) for k in own)
+    err = error_of(capsys, ["evaluate", str(tmp_path / "only.safetensors"), "-q"])
+    assert "blend_only_unadapted (in the model's config) is a study setting" in err
     err = error_of(capsys, ["evaluate", str(warm), "--start-blend", "2", "-q"])
     assert "eval.start_blend must be in [0, 1]" in err

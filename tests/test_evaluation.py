@@ -263,3 +263,26 @@ def test_paired_wilcoxon_images_pairs_each_image_averaged_over_the_shared_draws(
     assert paired_wilcoxon_images(a + b, "a", "b", 5) == pytest.approx(2 / 64)
     assert paired_wilcoxon_images(b, "b", "b", 5) is None  # no difference
     assert paired_wilcoxon_images(a + b, "a", "b", 10) is None  # no 10-shot draws
+
+
+def test_support_cv_scores_and_returns_other_weights_where_it_takes_no_step() -> None:
+    # theta predicts background everywhere (held-out Dice 0 at 0 steps) and fine-tuning learns
+    # "channel 0 > 0" (near 1 after 30 steps); the unadapted weights (a blend) segment it
+    # already (Dice 1 on every pair), so the 0-step candidate is theirs and wins.
+    net, theta = _sign_net(0.0, -5.0)
+    _, blend = _sign_net(1.0, 0.0)
+    x, y = _signed_pairs(True, True, True)
+    inner = InnerConfig(inner_lr=1.0)
+    assert support_cv_steps(net, theta, x, y, inner, (0, 30))[0] == 30
+    best, means = support_cv_steps(net, theta, x, y, inner, (0, 30), unadapted=blend)
+    assert best == 0 and means[0] == 1.0
+    config = RunConfig(eval=EvalConfig(inner_steps=30, inner_lr=1.0, support_cv=True))
+    wrapper = AdaptedModel.from_config("m", net, theta, config, torch.device("cpu"), blend)
+    assert wrapper.adapt(x, y) is blend and wrapper.choice["inner_steps"] == 0
+    # Where steps are taken, they start from theta, not from the unadapted weights.
+    one = wrapper.adapt(x[:1], y[:1])
+    direct = adapt(net, theta, x[:1], y[:1], wrapper.inner, steps=30).params
+    assert all(torch.equal(one[k], direct[k]) for k in theta)
+    none = AdaptedModel.from_config("m", net, theta, RunConfig(eval=EvalConfig(inner_steps=0)),
+                                    torch.device("cpu"), blend)
+    assert none.adapt(x, y) is blend

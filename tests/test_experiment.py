@@ -455,3 +455,13 @@ def test_start_blend_scores_warm_imaml_from_its_mix_with_transfer(tmp_path) -> N
         (results / "tuned" / f"{m}.tune.json").read_text())["candidates"]]
         for m in ("transfer", "imaml_warm")}
     assert tried == {"transfer": [{}], "imaml_warm": [{}, {"start_blend": 1.0}]}
+    # blend_only_unadapted: the blend where no step is taken, theta as trained where steps are.
+    run_experiment(write("unadapted", ["imaml_warm"], ", start_blend = 1.0, "
+                         "blend_only_unadapted = true"), Paths(Path(".")), quiet=True)
+    assert dice("unadapted", "imaml_warm") == dice("mini", "transfer")
+    for name, extra in (("adapted", ", start_blend = 1.0, blend_only_unadapted = true"),
+                        ("plain", "")):
+        spec = write(name, ["imaml_warm"], extra)
+        spec.write_text(spec.read_text().replace("inner_steps = 0", "inner_steps = 2"))
+        run_experiment(spec, Paths(Path(".")), quiet=True)
+    assert dice("adapted", "imaml_warm") == dice("plain", "imaml_warm")

@@ -200,10 +200,14 @@ def with_test_time(ckpt: Checkpoint, args: argparse.Namespace) -> Checkpoint:
     from dataclasses import replace
 
     overrides = _test_time_overrides(args)
-    if not overrides:
-        return ckpt
-    ckpt = replace(ckpt, config=merge(ckpt.config, {"eval": overrides}))
+    if overrides:
+        ckpt = replace(ckpt, config=merge(ckpt.config, {"eval": overrides}))
     blend = ckpt.config.eval.start_blend
+    if blend and ckpt.config.eval.blend_only_unadapted:
+        raise ConfigError(
+            "eval.blend_only_unadapted (in the model's config) is a study setting; on the command "
+            "line --start-blend applies to the weights that are adapted"
+        )
     if blend:
         ckpt = replace(
             ckpt,

@@ -66,6 +66,9 @@ class AdaptedModel:
     support_cv_rule: str = "best"
     """How :func:`choose_steps` picks among the step counts (one of ``SUPPORT_CV_RULES``); with
     one support pair there is nothing to hold out, and ``steps`` is taken."""
+    unadapted: Params | None = None
+    """The weights used where no adaptation step is taken (``steps`` 0 or support CV's 0-step
+    candidate); None: ``theta`` (``EvalConfig.blend_only_unadapted``)."""
     choice: dict[str, Any] = field(default_factory=dict, init=False)
     """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``, and
     ``"cv_dice"``: each candidate step count's mean held-out Dice); recorded with each draw's
@@ -79,9 +82,11 @@ class AdaptedModel:
         theta: Params,
         config: RunConfig,
         device: torch.device,
+        unadapted: Params | None = None,
     ) -> AdaptedModel:
         """Adapt as ``config.eval`` says: its steps, optimizer, step size and augmentations,
-        with iMAML's proximal term only if ``eval.proximal``."""
+        with iMAML's proximal term only if ``eval.proximal``; ``unadapted``: the weights used
+        where no step is taken (default ``theta``)."""
         ev = config.eval
         inner = eval_inner(config.inner, ev)
         return cls(
@@ -96,6 +101,7 @@ class AdaptedModel:
             tta=ev.tta,
             support_cv=ev.support_cv,
             support_cv_rule=ev.support_cv_rule,
+            unadapted=unadapted,
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
@@ -114,10 +120,13 @@ class AdaptedModel:
                     proximal=self.proximal,
                     augment=self.augment,
                     rule=self.support_cv_rule,
+                    unadapted=self.unadapted,
                 )
             self.choice = {"inner_steps": steps}
             if held_out:
                 self.choice["cv_dice"] = {str(c): round(v, 5) for c, v in held_out.items()}
+        if steps == 0 and self.unadapted is not None:
+            return self.unadapted
         return adapt(
             self.model,
             self.theta,
@@ -184,6 +193,7 @@ def support_cv_steps(
     proximal: bool = False,
     augment: bool = False,
     rule: str = "best",
+    unadapted: Params | None = None,
 ) -> tuple[int, dict[int, float]]:
     """How many adaptation steps to take on this support set, chosen on the support set alone.
 
@@ -194,6 +204,7 @@ def support_cv_steps(
     picks by ``rule`` (by default the best mean held-out Dice, the fewest steps among ties) and
     the mean Dice of every candidate.  Fine-tuning that lowers held-out Dice, as on a target
     close to the sources, is then skipped; the final adaptation sees all k pairs.  Needs k >= 2.
+    ``unadapted``: the 0-step candidate's weights, if not ``theta`` (a blend with the start).
     """
     k = len(support_x)
     if k < 2:
@@ -222,7 +233,10 @@ def support_cv_steps(
         )
         with torch.no_grad():
             for c in candidates:  # steps a non-finite loop never reached: its last finite weights
-                logits = forward(model, seen.get(c, result.params), support_x[held])
+                params = seen.get(c, result.params)
+                if c == 0 and unadapted is not None:
+                    params = unadapted
+                logits = forward(model, params, support_x[held])
                 scores[c].append(dice((logits > 0).float(), support_y[held]).cpu())
     held_out = {c: torch.cat(v) for c, v in scores.items()}
     means = {c: float(v.mean()) for c, v in held_out.items()}

@@ -400,13 +400,16 @@ def load_method(
         )
         model.load_state_dict(load_file(str(runs / method / "weights.safetensors")))
         return TestTimeAugmented(model) if config.eval.tta else model
+    unadapted = None
     if method == "scratch":
         theta = init_theta(config, device)
     else:
-        theta = load_checkpoint(runs / method).theta
-        theta = {k: v.to(device) for k, v in blend_with_start(theta, config).items()}
+        trained = load_checkpoint(runs / method).theta
+        theta = {k: v.to(device) for k, v in blend_with_start(trained, config).items()}
+        if config.eval.blend_only_unadapted:
+            theta, unadapted = {k: v.to(device) for k, v in trained.items()}, theta
     model = build_model(config.model).to(device)
-    return AdaptedModel.from_config(method, model, theta, config, device)
+    return AdaptedModel.from_config(method, model, theta, config, device, unadapted)
 
 
 def evaluate_unit(
