@@ -97,21 +97,22 @@ def load_studies(root: Path, names: list[str]) -> list[Study]:
 
 @torch.no_grad()
 def weights_dice(
-    runs: Path, method: str, datasets: dict[str, SegArrays], *, test_fraction: float,
-    split_seed: int, config: RunConfig | None = None,
+    runs: Path, method: str, datasets: dict[str, SegArrays], config: RunConfig
 ) -> dict[str, list[float]]:
     """``{name: Dice of each test-pool image}`` of the weights in ``runs/<method>`` on each of
-    ``datasets`` (``{name: arrays}``), predicted as they are (sigmoid > 0.5, no adaptation), or
-    blended with their start first where ``config.eval.start_blend`` says so."""
+    ``datasets`` (``{name: arrays}``; test pools as ``config.data`` splits them), predicted as
+    they are (sigmoid > 0.5, no adaptation), blended with their start first where
+    ``config.eval.start_blend`` says so."""
     try:
         checkpoint = load_checkpoint(runs / method)
-        theta = checkpoint.theta if config is None else blend_with_start(checkpoint.theta, config)
+        theta = blend_with_start(checkpoint.theta, config)
     except CheckpointError as err:
         raise ConfigError(str(err)) from err
     model = build_model(checkpoint.config.model)
     out = {}
     for name, arrays in datasets.items():
-        x, y = test_pool(arrays, test_fraction=test_fraction, split_seed=split_seed)
+        x, y = test_pool(arrays, test_fraction=config.data.test_fraction,
+                         split_seed=config.data.split_seed)
         scores = []
         for start in range(0, len(x), BATCH):
             batch = slice(start, start + BATCH)
@@ -142,9 +143,7 @@ def method_scores(
             raise ConfigError(f"{study.name}:{method}: settings chosen per shot count; which "
                               "weights to score is ambiguous")
         return weights_dice(runs, method, {n: load(n) for n in missing},
-                            test_fraction=config.data.test_fraction,
-                            split_seed=config.data.split_seed,
-                            config=method_config(study, method, runs, chosen))
+                            method_config(study, method, runs, chosen))
 
     saved = saved_unit_scores(root, study, method, SOURCES, names,
                               None if load is None else compute)
