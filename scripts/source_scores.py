@@ -23,7 +23,8 @@ too), the target's lead that the study's rank on DATASET implies::
         --rule Kvasir-SEG 1 --reference unseen_polyp_4x_seed0_start03 ...
 
 A method named ``METHOD@REST`` is ``METHOD`` of study ``<STUDY>_<REST>``, which scores STUDY's
-trained weights (``train_from``) with ``[eval]`` settings that change them (``start_blend``):
+trained weights (``train_from``) with ``[eval]`` settings that change them (``start_blend``)
+or how they predict (``tta``):
 ``--methods imaml_warm@blendzero transfer`` compares warm iMAML blended with its start
 (``unseen_polyp_4x_seed0_start03_blendzero``) with transfer as trained.
 
@@ -58,6 +59,7 @@ from imaml_seg.checkpoint import (  # noqa: E402
 from imaml_seg.config import ConfigError, RunConfig  # noqa: E402
 from imaml_seg.data.cache import SegArrays  # noqa: E402
 from imaml_seg.data.tasks import test_pool  # noqa: E402
+from imaml_seg.evaluation import predict_logits  # noqa: E402
 from imaml_seg.experiment import TUNED, Study, method_config, tuned_choice  # noqa: E402
 from imaml_seg.metrics import dice  # noqa: E402
 from imaml_seg.model import build_model, forward  # noqa: E402
@@ -102,7 +104,8 @@ def weights_dice(
     """``{name: Dice of each test-pool image}`` of the weights in ``runs/<method>`` on each of
     ``datasets`` (``{name: arrays}``; test pools as ``config.data`` splits them), predicted as
     they are (sigmoid > 0.5, no adaptation), blended with their start first where
-    ``config.eval.start_blend`` says so."""
+    ``config.eval.start_blend`` says so and averaged over the 8 flips/rotations of each image
+    where ``config.eval.tta`` does."""
     try:
         checkpoint = load_checkpoint(runs / method)
         theta = blend_with_start(checkpoint.theta, config)
@@ -116,7 +119,11 @@ def weights_dice(
         scores = []
         for start in range(0, len(x), BATCH):
             batch = slice(start, start + BATCH)
-            pred = (torch.sigmoid(forward(model, theta, x[batch])) > 0.5).float()
+            if config.eval.tta:
+                logits = predict_logits(model, theta, x[batch], torch.device("cpu"), tta=True)
+            else:
+                logits = forward(model, theta, x[batch])
+            pred = (torch.sigmoid(logits) > 0.5).float()
             scores += dice(pred, y[batch]).flatten().tolist()
         out[name] = [round(v, 6) for v in scores]
     return out

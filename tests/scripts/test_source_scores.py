@@ -14,6 +14,7 @@ from imaml_seg.checkpoint import load_checkpoint
 from imaml_seg.config import ConfigError
 from imaml_seg.data.cache import load_arrays
 from imaml_seg.data.tasks import test_pool
+from imaml_seg.evaluation import predict_logits
 from imaml_seg.experiment import run_experiment
 from imaml_seg.meta.trainer import Paths
 from imaml_seg.metrics import dice
@@ -244,3 +245,28 @@ def test_method_at_rest_scores_the_weights_blended_by_another_study(tmp_path) ->
     folder.mkdir()
     (folder / "imaml_warm.tune.json").write_text(json.dumps({"chosen": {"start_blend": 1.0}}))
     assert source_scores.method_scores(tmp_path, study, "imaml_warm@tuned", load) == whole
+
+
+def test_method_at_rest_with_tta_averages_each_image_over_flips_and_rotations(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 2)
+    run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
+    spec.with_name("mini_tta.toml").write_text(
+        spec.read_text().replace('name = "mini"', 'name = "mini"\ntrain_from = "mini"')
+        .replace('name = "mini"', 'name = "mini_tta"', 1)
+        .replace("draws = 2 }", "draws = 2, tta = true }"))
+    study = source_scores.load_studies(tmp_path, ["mini"])[0]
+    config = study.config
+
+    def load(name):
+        return load_arrays(name, config.data.resolution, data_root=None,
+                           cache_dir=tmp_path / "cache")
+
+    scores = source_scores.method_scores(tmp_path, study, "transfer@tta", load)
+    checkpoint = load_checkpoint(tmp_path / "runs" / "mini" / "transfer")
+    x, y = test_pool(load(config.target), test_fraction=config.data.test_fraction,
+                     split_seed=config.data.split_seed)
+    logits = predict_logits(build_model(checkpoint.config.model), checkpoint.theta, x,
+                            torch.device("cpu"), tta=True)
+    expected = dice((torch.sigmoid(logits) > 0.5).float(), y).flatten().tolist()
+    assert scores[config.target] == pytest.approx(expected, abs=1e-6)
+    assert scores != source_scores.method_scores(tmp_path, study, "transfer", load)
