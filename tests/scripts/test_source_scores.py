@@ -213,15 +213,22 @@ def test_prediction_keeps_by_the_threshold_and_bounds_by_the_nearest_references(
         source_scores.predict(studies, low, ["imaml_warm", "transfer"], "nowhere", 1.0, [])
 
 
+def rescoring_study(spec: Path, rest: str, eval_fields: str, methods: str | None = None) -> None:
+    """Write ``mini_<rest>``: mini's trained units (``train_from``) scored with ``eval_fields``
+    added to its ``[eval]`` (and only ``methods`` where given), for ``METHOD@<rest>``."""
+    text = (spec.read_text().replace('name = "mini"', 'name = "mini"\ntrain_from = "mini"')
+            .replace('name = "mini"', f'name = "mini_{rest}"', 1)
+            .replace("draws = 2 }", f"draws = 2, {eval_fields} }}"))
+    if methods is not None:
+        text = text.replace('methods = ["transfer", "imaml_warm"]', f"methods = {methods}")
+    spec.with_name(f"mini_{rest}.toml").write_text(text)
+
+
 def test_method_at_rest_scores_the_weights_blended_by_another_study(tmp_path) -> None:
     spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 2)
     run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
     # mini_whole scores mini's warm iMAML wholly blended into its start: transfer's weights.
-    spec.with_name("mini_whole.toml").write_text(
-        spec.read_text().replace('name = "mini"', 'name = "mini"\ntrain_from = "mini"')
-        .replace('name = "mini"', 'name = "mini_whole"', 1)
-        .replace('methods = ["transfer", "imaml_warm"]', 'methods = ["imaml_warm"]')
-        .replace("draws = 2 }", "draws = 2, start_blend = 1.0 }"))
+    rescoring_study(spec, "whole", "start_blend = 1.0", methods='["imaml_warm"]')
     study = source_scores.load_studies(tmp_path, ["mini"])[0]
 
     def load(name):
@@ -250,10 +257,7 @@ def test_method_at_rest_scores_the_weights_blended_by_another_study(tmp_path) ->
 def test_method_at_rest_with_tta_averages_each_image_over_flips_and_rotations(tmp_path) -> None:
     spec = mini_study(tmp_path, ["transfer", "imaml_warm"], 2, [1], 2)
     run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
-    spec.with_name("mini_tta.toml").write_text(
-        spec.read_text().replace('name = "mini"', 'name = "mini"\ntrain_from = "mini"')
-        .replace('name = "mini"', 'name = "mini_tta"', 1)
-        .replace("draws = 2 }", "draws = 2, tta = true }"))
+    rescoring_study(spec, "tta", "tta = true")
     study = source_scores.load_studies(tmp_path, ["mini"])[0]
     config = study.config
 
