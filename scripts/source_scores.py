@@ -62,7 +62,7 @@ from imaml_seg.data.tasks import test_pool  # noqa: E402
 from imaml_seg.evaluation import predict_logits  # noqa: E402
 from imaml_seg.experiment import TUNED, Study, method_config, tuned_choice  # noqa: E402
 from imaml_seg.metrics import dice  # noqa: E402
-from imaml_seg.model import build_model, forward  # noqa: E402
+from imaml_seg.model import build_model  # noqa: E402
 
 TAG = "SOURCESCORES"
 BATCH = 32
@@ -119,10 +119,8 @@ def weights_dice(
         scores = []
         for start in range(0, len(x), BATCH):
             batch = slice(start, start + BATCH)
-            if config.eval.tta:
-                logits = predict_logits(model, theta, x[batch], torch.device("cpu"), tta=True)
-            else:
-                logits = forward(model, theta, x[batch])
+            logits = predict_logits(model, theta, x[batch], torch.device("cpu"), batch=BATCH,
+                                    tta=config.eval.tta)
             pred = (torch.sigmoid(logits) > 0.5).float()
             scores += dice(pred, y[batch]).flatten().tolist()
         out[name] = [round(v, 6) for v in scores]
