@@ -106,6 +106,11 @@ class MetaConfig:
     meta-objective ``L_query(phi(theta)) + w L_query(theta)`` of iMAML, MAML and FOMAML, so
     that the learned start segments without adaptation too; 0 is the plain meta-objective.
     Reptile, which has no meta-gradient, refuses a non-zero weight."""
+    average_from: int = 0
+    """From this meta-step on (1-based; 0 is off) keep the running mean of the meta-learner's
+    ``theta`` after every outer step and ship that mean as the run's weights (stochastic weight
+    averaging, Izmailov et al. 2018): it smooths the noise of the last meta-steps' task batches.
+    Transfer and scratch do not read it."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,10 @@ def validate(config: RunConfig) -> None:
         ),
         (config.meta.meta_batch_size >= 1, "meta.meta_batch_size must be >= 1"),
         (config.meta.start_weight >= 0, "meta.start_weight must be >= 0"),
+        (
+            0 <= config.meta.average_from <= config.meta.meta_steps,
+            "meta.average_from must be in [0, meta.meta_steps]",
+        ),
         (
             config.meta.start_weight == 0 or config.meta.algorithm != "reptile",
             "meta.start_weight needs a meta-gradient (imaml, maml, fomaml); Reptile has none",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from imaml_seg.checkpoint import load_checkpoint
-from imaml_seg.config import load, merge
+from imaml_seg.config import ConfigError, load, merge
 from imaml_seg.meta import trainer
 from imaml_seg.meta.algorithms import MetaGradResult
 from imaml_seg.meta.trainer import Paths, read_log, train
@@ -188,3 +188,38 @@ def test_start_weight_logs_the_starts_query_loss(tmp_path) -> None:
     assert all(r["start_query_loss"] > 0 for r in logged) and len(logged) == 2
     assert all("start_query_loss" not in r for r in read_log(tmp_path / "plain" / "log.jsonl"))
     assert any(not torch.equal(theta[k], plain[k]) for k in theta)
+
+
+def test_average_from_ships_the_mean_of_the_last_meta_steps(tmp_path) -> None:
+    """``meta.average_from = 3`` of 4 steps ships the mean of the weights after steps 3 and 4;
+    the last step's own weights stay in the optimiser state, and the run extended to 6 steps
+    equals one 6-step averaged run (the mean over steps 3 to 6)."""
+    config = merge(load(TINY), {"meta": {"meta_steps": 3, "val_every": 0}})
+    third = load_checkpoint(train(config, Paths(tmp_path / "plain"), quiet=True)).theta
+    longer = merge(config, {"meta": {"meta_steps": 4}})
+    fourth = load_checkpoint(train(longer, Paths(tmp_path / "plain"), resume=True, quiet=True))
+    averaged = merge(longer, {"meta": {"average_from": 3, "val_every": 4}})
+    ckpt = load_checkpoint(train(averaged, Paths(tmp_path / "avg"), quiet=True))
+    for name, value in ckpt.theta.items():
+        torch.testing.assert_close(value, (third[name] + fourth.theta[name]) / 2)
+        torch.testing.assert_close(ckpt.optimizer_state["raw"][name], fourth.theta[name])
+    assert any(not torch.equal(ckpt.theta[k], fourth.theta[k]) for k in ckpt.theta)
+    assert 0 <= read_log(tmp_path / "avg" / "log.jsonl")[-1]["val_dice_average"] <= 1
+
+    six = merge(averaged, {"meta": {"meta_steps": 6}})
+    whole = load_checkpoint(train(six, Paths(tmp_path / "whole"), quiet=True))
+    extended = load_checkpoint(train(six, Paths(tmp_path / "avg"), resume=True, quiet=True))
+    assert extended.step == whole.step == 6
+    for name, value in whole.theta.items():
+        torch.testing.assert_close(extended.theta[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_average_from_is_a_meta_learner_setting(tmp_path) -> None:
+    """Transfer ignores ``average_from`` (a study may continue its plain run); a meta-learner's
+    run with another value is another run."""
+    config = merge(load(TINY), {"meta": {"meta_steps": 4}})
+    transfer = merge(config, {"meta": {"algorithm": "transfer"}})
+    assert trainer.extends(transfer, merge(transfer, {"meta": {"average_from": 2}}))
+    assert not trainer.extends(config, merge(config, {"meta": {"average_from": 2}}))
+    with pytest.raises(ConfigError, match="average_from"):
+        merge(config, {"meta": {"average_from": 5}})

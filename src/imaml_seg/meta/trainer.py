@@ -14,6 +14,11 @@ last checkpoint and reaches the same ``theta`` as an uninterrupted run, because 
 reason a finished run can be continued to a larger step budget (``meta_steps`` or
 ``pretrain_steps``, nothing else training reads changed; see :func:`extends`): 600 steps and
 then 600 more reach the weights of one 1200-step run.
+
+With ``meta.average_from = s`` a meta-learner's checkpoint ships the mean of ``theta`` over
+meta-steps ``s`` to the last; the running mean (``opt/average``) travels in the optimiser
+state, and once the run is finished the last step's own ``theta`` does (``opt/raw``), so
+resuming and extending continue both.
 """
 
 from __future__ import annotations
@@ -63,10 +68,12 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     The ``[eval]`` section and the budget the run does not train with (``meta_steps`` of
     transfer, ``pretrain_steps`` of the others) may differ: training never reads them
     (validation adapts with the ``[inner]`` loop).  Nor does transfer read ``start_weight``, a
-    term of the meta-objective, so a warm-start study with the term may continue plain transfer."""
+    term of the meta-objective, or ``average_from``, so a warm-start study with either may
+    continue plain transfer."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     if old.meta.algorithm in ("transfer", "scratch"):
         budget["start_weight"] = new.meta.start_weight
+        budget["average_from"] = new.meta.average_from
     return (
         replace(old, meta=replace(old.meta, **budget), eval=new.eval) == new
         and run_steps(new) >= run_steps(old)
@@ -223,10 +230,12 @@ def train(
                     f"{ckpt_path}: resuming with the checkpoint's own config", stacklevel=2
                 )
                 config = ckpt.config
-        theta = {k: v.to(device) for k, v in ckpt.theta.items()}
         opt_state = {
             s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()
         }
+        theta = {k: v.to(device) for k, v in ckpt.theta.items()}
+        if "raw" in opt_state:  # a finished averaged run: theta is the mean, raw the last step's
+            opt_state["average"], theta = theta, opt_state.pop("raw")
         if world.is_main:
             _truncate_log(log_path, start)
     else:
@@ -285,6 +294,7 @@ def train(
         disable=quiet or not world.is_main,
         unit="step",
     )
+    average_from = config.meta.average_from if algorithm not in ("transfer", "scratch") else 0
     done_here = 0
     for step in bar:
         t0 = time.perf_counter()
@@ -295,6 +305,8 @@ def train(
                 theta = {k: theta[k] - config.meta.reptile_lr * grad[k] for k in theta}
             else:
                 theta = adam.step(theta, grad, opt_state, step + 1)
+        if average_from and step + 1 >= average_from:
+            running_mean(opt_state, theta, step + 2 - average_from)
         record.update(step=step + 1, phase=algorithm, seconds=round(time.perf_counter() - t0, 3))
         last = step + 1 == total
         if (
@@ -305,6 +317,10 @@ def train(
             record["val_dice"] = validation_dice(
                 model, theta, val_sampler, config, config.meta.val_tasks, device
             )
+            if last and "average" in opt_state:
+                record["val_dice_average"] = validation_dice(
+                    model, opt_state["average"], val_sampler, config, config.meta.val_tasks, device
+                )
         if world.is_main:
             _log(log_path, record)
             bar.set_postfix(
@@ -313,8 +329,12 @@ def train(
         done_here += 1
         stop = stop_after is not None and done_here >= stop_after
         if world.is_main and (last or stop or (step + 1) % config.meta.checkpoint_every == 0):
+            weights, saved_state = theta, opt_state
+            if last and "average" in opt_state:
+                saved_state = {k: v for k, v in opt_state.items() if k != "average"}
+                weights, saved_state["raw"] = opt_state["average"], theta
             save_checkpoint(
-                ckpt_path, Checkpoint(config, theta, step + 1, opt_state, {"done": last})
+                ckpt_path, Checkpoint(config, weights, step + 1, saved_state, {"done": last})
             )
         if stop:
             break
@@ -324,6 +344,16 @@ def train(
 
         learning_curve(log_path, out / "learning_curve.png")
     return ckpt_path
+
+
+def running_mean(opt_state: dict[str, Params], theta: Params, n: int) -> None:
+    """Fold ``theta``, the ``n``-th weights averaged (1-based), into ``opt_state["average"]``,
+    the mean of the ``n - 1`` before it, in place."""
+    if n == 1:
+        opt_state["average"] = {k: v.detach().clone() for k, v in theta.items()}
+        return
+    for k, v in opt_state["average"].items():
+        v.add_(theta[k] - v, alpha=1.0 / n)
 
 
 def _meta_step(
