@@ -205,6 +205,12 @@ def test_average_from_ships_the_mean_of_the_last_meta_steps(tmp_path) -> None:
         torch.testing.assert_close(ckpt.optimizer_state["raw"][name], fourth.theta[name])
     assert any(not torch.equal(ckpt.theta[k], fourth.theta[k]) for k in ckpt.theta)
     assert 0 <= read_log(tmp_path / "avg" / "log.jsonl")[-1]["val_dice_average"] <= 1
+    # A plain 2-step run continued to the averaged one (train, then average) reaches its mean.
+    two = merge(averaged, {"meta": {"meta_steps": 2, "average_from": 0}})
+    train(two, Paths(tmp_path / "then"), quiet=True)
+    then = load_checkpoint(train(averaged, Paths(tmp_path / "then"), resume=True, quiet=True))
+    for name, value in ckpt.theta.items():
+        torch.testing.assert_close(then.theta[name], value, rtol=1e-5, atol=1e-6)
 
     six = merge(averaged, {"meta": {"meta_steps": 6}})
     whole = load_checkpoint(train(six, Paths(tmp_path / "whole"), quiet=True))
@@ -221,5 +227,11 @@ def test_average_from_is_a_meta_learner_setting(tmp_path) -> None:
     transfer = merge(config, {"meta": {"algorithm": "transfer"}})
     assert trainer.extends(transfer, merge(transfer, {"meta": {"average_from": 2}}))
     assert not trainer.extends(config, merge(config, {"meta": {"average_from": 2}}))
+    # A plain run may go on to average steps it has not trained (train, then average more).
+    more = merge(config, {"meta": {"meta_steps": 6}})
+    assert trainer.extends(config, merge(more, {"meta": {"average_from": 5}}))
+    assert not trainer.extends(config, merge(more, {"meta": {"average_from": 4}}))
+    averaged = merge(more, {"meta": {"average_from": 5}})
+    assert not trainer.extends(averaged, merge(more, {"meta": {"meta_steps": 8}}))
     with pytest.raises(ConfigError, match="average_from"):
         merge(config, {"meta": {"average_from": 5}})

@@ -69,11 +69,14 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     transfer, ``pretrain_steps`` of the others) may differ: training never reads them
     (validation adapts with the ``[inner]`` loop).  Nor does transfer read ``start_weight``, a
     term of the meta-objective, or ``average_from``, so a warm-start study with either may
-    continue plain transfer."""
+    continue plain transfer.  A meta-learner's run without averaging may be continued to one
+    that averages only steps after its own (classic SWA: train, then average further steps)."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     if old.meta.algorithm in ("transfer", "scratch"):
         budget["start_weight"] = new.meta.start_weight
         budget["average_from"] = new.meta.average_from
+    elif old.meta.average_from == 0 and new.meta.average_from > run_steps(old):
+        budget["average_from"] = new.meta.average_from  # averaging only steps the old run lacks
     return (
         replace(old, meta=replace(old.meta, **budget), eval=new.eval) == new
         and run_steps(new) >= run_steps(old)
