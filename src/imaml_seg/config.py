@@ -111,6 +111,10 @@ class MetaConfig:
     ``theta`` after every outer step and ship that mean as the run's weights (stochastic weight
     averaging, Izmailov et al. 2018): it smooths the noise of the last meta-steps' task batches.
     Transfer and scratch do not read it."""
+    pretrain_average_from: int = 0
+    """The same for transfer: from this pretraining step on (1-based; 0 is off) ship the mean of
+    its weights, so that weight averaging is a lever open to the supervised baseline too.  The
+    meta-learners do not read it (a warm start reads the transfer checkpoint it names)."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,10 @@ def validate(config: RunConfig) -> None:
         (
             0 <= config.meta.average_from <= config.meta.meta_steps,
             "meta.average_from must be in [0, meta.meta_steps]",
+        ),
+        (
+            0 <= config.meta.pretrain_average_from <= config.meta.pretrain_steps,
+            "meta.pretrain_average_from must be in [0, meta.pretrain_steps]",
         ),
         (
             config.meta.start_weight == 0 or config.meta.algorithm != "reptile",

@@ -235,3 +235,33 @@ def test_average_from_is_a_meta_learner_setting(tmp_path) -> None:
     assert not trainer.extends(averaged, merge(more, {"meta": {"meta_steps": 8}}))
     with pytest.raises(ConfigError, match="average_from"):
         merge(config, {"meta": {"average_from": 5}})
+
+
+def test_pretrain_average_from_averages_transfer(tmp_path) -> None:
+    """Transfer's ``pretrain_average_from = 3`` of 4 pretraining steps ships the mean of its
+    weights after steps 3 and 4, and a plain 2-step transfer run continued to it reaches the
+    same mean; the meta-learners do not read the setting."""
+    config = merge(
+        load(TINY), {"meta": {"algorithm": "transfer", "pretrain_steps": 3, "val_every": 0}}
+    )
+    third = load_checkpoint(train(config, Paths(tmp_path / "plain"), quiet=True)).theta
+    longer = merge(config, {"meta": {"pretrain_steps": 4}})
+    fourth = load_checkpoint(train(longer, Paths(tmp_path / "plain"), resume=True, quiet=True))
+    averaged = merge(longer, {"meta": {"pretrain_average_from": 3}})
+    ckpt = load_checkpoint(train(averaged, Paths(tmp_path / "avg"), quiet=True))
+    for name, value in ckpt.theta.items():
+        torch.testing.assert_close(value, (third[name] + fourth.theta[name]) / 2)
+        torch.testing.assert_close(ckpt.optimizer_state["raw"][name], fourth.theta[name])
+    assert any(not torch.equal(ckpt.theta[k], fourth.theta[k]) for k in ckpt.theta)
+
+    two = merge(averaged, {"meta": {"pretrain_steps": 2, "pretrain_average_from": 0}})
+    assert trainer.extends(two, averaged) and not trainer.extends(config, averaged)
+    train(two, Paths(tmp_path / "then"), quiet=True)
+    then = load_checkpoint(train(averaged, Paths(tmp_path / "then"), resume=True, quiet=True))
+    for name, value in ckpt.theta.items():
+        torch.testing.assert_close(then.theta[name], value, rtol=1e-5, atol=1e-6)
+
+    meta = merge(load(TINY), {"meta": {"meta_steps": 4}})
+    assert trainer.extends(meta, merge(meta, {"meta": {"pretrain_average_from": 2}}))
+    with pytest.raises(ConfigError, match="pretrain_average_from"):
+        merge(config, {"meta": {"pretrain_average_from": 4}})

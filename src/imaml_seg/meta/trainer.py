@@ -16,9 +16,9 @@ reason a finished run can be continued to a larger step budget (``meta_steps`` o
 then 600 more reach the weights of one 1200-step run.
 
 With ``meta.average_from = s`` a meta-learner's checkpoint ships the mean of ``theta`` over
-meta-steps ``s`` to the last; the running mean (``opt/average``) travels in the optimiser
-state, and once the run is finished the last step's own ``theta`` does (``opt/raw``), so
-resuming and extending continue both.
+meta-steps ``s`` to the last (``meta.pretrain_average_from``: transfer's pretraining steps); the
+running mean (``opt/average``) travels in the optimiser state, and once the run is finished the
+last step's own ``theta`` does (``opt/raw``), so resuming and extending continue both.
 """
 
 from __future__ import annotations
@@ -69,14 +69,18 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     transfer, ``pretrain_steps`` of the others) may differ: training never reads them
     (validation adapts with the ``[inner]`` loop).  Nor does transfer read ``start_weight``, a
     term of the meta-objective, or ``average_from``, so a warm-start study with either may
-    continue plain transfer.  A meta-learner's run without averaging may be continued to one
-    that averages only steps after its own (classic SWA: train, then average further steps)."""
+    continue plain transfer; the meta-learners do not read ``pretrain_average_from``.  A run
+    without averaging may be continued to one that averages only steps after its own (classic
+    SWA: train, then average further steps)."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     if old.meta.algorithm in ("transfer", "scratch"):
         budget["start_weight"] = new.meta.start_weight
         budget["average_from"] = new.meta.average_from
-    elif old.meta.average_from == 0 and new.meta.average_from > run_steps(old):
-        budget["average_from"] = new.meta.average_from  # averaging only steps the old run lacks
+    if old.meta.algorithm != "transfer":
+        budget["pretrain_average_from"] = new.meta.pretrain_average_from
+    own = "pretrain_average_from" if old.meta.algorithm == "transfer" else "average_from"
+    if average_start(old) == 0 and getattr(new.meta, own) > run_steps(old):
+        budget[own] = getattr(new.meta, own)  # averaging only steps the old run lacks
     return (
         replace(old, meta=replace(old.meta, **budget), eval=new.eval) == new
         and run_steps(new) >= run_steps(old)
@@ -88,6 +92,14 @@ def run_steps(config: RunConfig) -> int:
     scratch, ``meta_steps`` for the meta-learners."""
     return {"transfer": config.meta.pretrain_steps, "scratch": 0}.get(
         config.meta.algorithm, config.meta.meta_steps
+    )
+
+
+def average_start(config: RunConfig) -> int:
+    """The step (1-based) from which a run ships the mean of its weights, 0 for none:
+    ``pretrain_average_from`` for transfer, ``average_from`` for the meta-learners."""
+    return {"transfer": config.meta.pretrain_average_from, "scratch": 0}.get(
+        config.meta.algorithm, config.meta.average_from
     )
 
 
@@ -297,7 +309,7 @@ def train(
         disable=quiet or not world.is_main,
         unit="step",
     )
-    average_from = config.meta.average_from if algorithm not in ("transfer", "scratch") else 0
+    average_from = average_start(config)
     done_here = 0
     for step in bar:
         t0 = time.perf_counter()
