@@ -24,9 +24,11 @@ too), the target's lead that the study's rank on DATASET implies::
 
 A method named ``METHOD@REST`` is ``METHOD`` of study ``<STUDY>_<REST>``, which scores STUDY's
 trained weights (``train_from``) with ``[eval]`` settings that change them (``start_blend``)
-or how they predict (``tta``):
-``--methods imaml_warm@blendzero transfer`` compares warm iMAML blended with its start
-(``unseen_polyp_4x_seed0_start03_blendzero``) with transfer as trained.
+or how they predict (``tta``), or trains them further (``extend_from``, also through a chain of
+such studies): ``--methods imaml_warm@blendzero transfer`` compares warm iMAML blended with its
+start (``unseen_polyp_4x_seed0_start03_blendzero``) with transfer as trained;
+``--methods imaml_warm@transfer_swa6000_warm300 transfer@transfer_swa6000`` compares warm iMAML
+meta-trained from averaged transfer weights with those weights.
 
 The studies must share sources, target and resolution.  Weights are read from
 ``runs/<study>/<method>`` below ``--root``; each method's per-image Dice is saved beside its
@@ -157,14 +159,25 @@ def method_scores(
 
 def rescoring(root: Path, study: Study, method: str) -> tuple[Study, str]:
     """``(study, method)``, or for ``METHOD@REST`` the study ``<study>_<REST>`` and ``METHOD``:
-    a study that scores ``study``'s trained weights with other ``[eval]`` settings."""
+    a study derived from ``study`` that scores its trained weights with other ``[eval]``
+    settings (``train_from``) or trains them further (``extend_from``), directly or through
+    studies derived from it in turn."""
     name, _, rest = method.partition("@")
     if not rest:
         return study, method
-    again = Study.from_file(root / "experiments" / f"{study.name}_{rest}.toml")
-    if again.train_from != study.name or name not in again.methods:
-        raise ConfigError(f"{method}: {again.name} does not score {study.name}'s {name} "
-                          f"(it needs train_from = '{study.name}' and {name} in its methods)")
+    folder = root / "experiments"
+    again = Study.from_file(folder / f"{study.name}_{rest}.toml")
+    chain, link = [again.name], again
+    while link.name != study.name and (link.train_from or link.extend_from) not in (None, *chain):
+        link = Study.from_file(folder / f"{link.train_from or link.extend_from}.toml")
+        chain.append(link.name)
+    if link.name != study.name or name not in again.methods:
+        raise ConfigError(
+            f"{method}: {again.name} does not score {study.name}'s {name} (it needs "
+            f"train_from or extend_from leading to '{study.name}', found {' <- '.join(chain)}, "
+            f"and {name} in its methods)")
+    if _pools(again) != _pools(study):
+        raise ConfigError(f"{method}: {again.name} scores other images than {study.name}")
     return again, name
 
 

@@ -274,3 +274,43 @@ def test_method_at_rest_with_tta_averages_each_image_over_flips_and_rotations(tm
     expected = dice((torch.sigmoid(logits) > 0.5).float(), y).flatten().tolist()
     assert scores[config.target] == pytest.approx(expected, abs=1e-6)
     assert scores != source_scores.method_scores(tmp_path, study, "transfer", load)
+
+
+def test_method_at_rest_follows_extend_from_to_weights_trained_further(tmp_path) -> None:
+    spec = mini_study(tmp_path, ["transfer"], 1, [1], 1)
+    run_experiment(spec, Paths(Path(".")), quiet=True, figures=False)
+    steps = source_scores.Study.from_file(spec).config.meta.pretrain_steps
+    text = spec.read_text().replace('name = "mini"', 'name = "mini_more"\nextend_from = "mini"')
+    more = spec.with_name("mini_more.toml")
+    more.write_text(text + f"meta = {{ pretrain_steps = {steps + 2} }}\n")
+    run_experiment(more, Paths(Path(".")), quiet=True, figures=False)
+    more.with_name("mini_more_tta.toml").write_text(
+        more.read_text().replace('name = "mini_more"\nextend_from = "mini"',
+                                 'name = "mini_more_tta"\ntrain_from = "mini_more"')
+        .replace("draws = 1 }", "draws = 1, tta = true }"))
+    study = source_scores.load_studies(tmp_path, ["mini"])[0]
+    config = study.config
+
+    def load(name):
+        return load_arrays(name, config.data.resolution, data_root=None,
+                           cache_dir=tmp_path / "cache")
+
+    def own(runs: str, tta: bool) -> list[float]:
+        checkpoint = load_checkpoint(tmp_path / "runs" / runs / "transfer")
+        x, y = test_pool(load(config.target), test_fraction=config.data.test_fraction,
+                         split_seed=config.data.split_seed)
+        logits = predict_logits(build_model(checkpoint.config.model), checkpoint.theta, x,
+                                torch.device("cpu"), tta=tta)
+        return dice((torch.sigmoid(logits) > 0.5).float(), y).flatten().tolist()
+
+    # transfer@more: mini_more's own weights (2 steps further), not mini's.
+    scores = source_scores.method_scores(tmp_path, study, "transfer@more", load)
+    assert scores[config.target] == pytest.approx(own("mini_more", False), abs=1e-6)
+    assert scores != source_scores.method_scores(tmp_path, study, "transfer", load)
+    # transfer@more_tta: mini_more's weights again, through train_from then extend_from.
+    scores = source_scores.method_scores(tmp_path, study, "transfer@more_tta", load)
+    assert scores[config.target] == pytest.approx(own("mini_more", True), abs=1e-6)
+    # A study not derived from mini is refused, naming the chain it found.
+    spec.with_name("mini_apart.toml").write_text(spec.read_text().replace('"mini"', '"mini_apart"'))
+    with pytest.raises(ConfigError, match="found mini_apart"):
+        source_scores.method_scores(tmp_path, study, "transfer@apart", load)
