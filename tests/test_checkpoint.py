@@ -98,3 +98,21 @@ def test_blend_with_start_mixes_in_the_warm_start_by_its_fraction(tmp_path) -> N
     with pytest.raises(CheckpointError, match="odd.safetensors: the warm start's weights do not"):
         blend_with_start(theta, mismatch)
 
+
+
+def test_learned_strengths_round_trip_and_damaged_ones_are_refused(tmp_path) -> None:
+    ckpt = make()
+    ckpt.lam = {k: torch.tensor(0.5 + i) for i, k in enumerate(ckpt.theta)}
+    back = load_checkpoint(save_checkpoint(tmp_path / "c.safetensors", ckpt))
+    assert list(back.lam) == list(back.theta)
+    assert all(torch.equal(back.lam[k], ckpt.lam[k]) for k in ckpt.lam)
+    assert load_checkpoint(save_checkpoint(tmp_path / "plain.safetensors", make())).lam == {}
+    first = next(iter(ckpt.theta))
+    for name, lam, message in [
+        ("partial", {first: torch.tensor(1.0)}, "one scalar per weight tensor"),
+        ("negative", {**ckpt.lam, first: torch.tensor(-1.0)}, "not a positive number"),
+    ]:
+        damaged = Checkpoint(TINY, ckpt.theta, lam=lam)
+        path = save_checkpoint(tmp_path / f"{name}.safetensors", damaged)
+        with pytest.raises(CheckpointError, match=f"{name}.safetensors: .*{message}"):
+            load_checkpoint(path)

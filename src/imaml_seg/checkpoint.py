@@ -3,8 +3,9 @@
 Everything needed to rebuild a run lives in a single file, so it can be replaced atomically
 (written to a temporary file in the same folder, flushed, then ``os.replace``d): a crash leaves
 either the old checkpoint or the new one, never half of one.  Tensors are stored under prefixes
-(``theta/<name>``, ``opt/<slot>/<name>``); the run config and JSON-serialisable state go in the
-safetensors header metadata.  No pickle anywhere, so loading a checkpoint cannot run code.
+(``theta/<name>``, ``opt/<slot>/<name>``, learned strengths ``lam/<name>``); the run config and
+JSON-serialisable state go in the safetensors header metadata.  No pickle anywhere, so loading
+a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Checkpoint:
     optimizer_state: dict[str, Params] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable run state (phase, counters, metrics)."""
+    lam: Params = field(default_factory=dict)
+    """Learned proximal strengths, one scalar per weight tensor of ``theta`` (``meta.lam_lr``);
+    empty when the run uses the one ``inner.lam``."""
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
@@ -48,6 +52,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"theta/{k}": v.detach().contiguous().cpu() for k, v in checkpoint.theta.items()}
+    tensors.update({f"lam/{k}": v.detach().reshape(()).cpu() for k, v in checkpoint.lam.items()})
     for slot, params in checkpoint.optimizer_state.items():
         tensors.update(
             {f"opt/{slot}/{k}": v.detach().contiguous().cpu() for k, v in params.items()}
@@ -108,7 +113,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         optimizer_state = {s: {k: tensors[f"opt/{s}/{k}"] for k in order} for s in optimizer_state}
     except KeyError as err:
         raise CheckpointError(f"{path}: optimiser state lacks {err}") from None
-    return Checkpoint(config, theta, step, optimizer_state, state)
+    lam = {k[len("lam/") :]: v for k, v in tensors.items() if k.startswith("lam/")}
+    if lam:
+        if set(lam) != set(order) or any(v.dim() != 0 for v in lam.values()):
+            raise CheckpointError(
+                f"{path}: learned proximal strengths (lam/) must be one scalar per weight tensor"
+            )
+        if not all(bool(torch.isfinite(v) and v > 0) for v in lam.values()):
+            raise CheckpointError(f"{path}: a learned proximal strength is not a positive number")
+        lam = {k: lam[k] for k in order}
+    return Checkpoint(config, theta, step, optimizer_state, state, lam)
 
 
 def check_architecture(

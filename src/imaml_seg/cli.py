@@ -232,6 +232,7 @@ def method_for(ckpt: Checkpoint, name: str):
         {k: v.to(device) for k, v in ckpt.theta.items()},
         c,
         device,
+        lam=ckpt.lam,
     )
 
 

@@ -115,6 +115,15 @@ class MetaConfig:
     """The same for transfer: from this pretraining step on (1-based; 0 is off) ship the mean of
     its weights, so that weight averaging is a lever open to the supervised baseline too.  The
     meta-learners do not read it (a warm start reads the transfer checkpoint it names)."""
+    lam_lr: float = 0.0
+    """iMAML only: with a rate > 0, meta-learn one proximal strength per weight tensor along with
+    ``theta`` (outer Adam at this rate on ``log lam``, starting at ``inner.lam``; the derivative
+    is :func:`imaml_seg.meta.implicit.lam_meta_grad`), so that meta-training learns how far each
+    tensor may move while adapting, not only where it starts.  The strengths travel in the
+    checkpoint and are used at test time with ``eval.proximal``.  0 keeps ``inner.lam``."""
+    lam_max: float = 10.0
+    """Upper bound of the learned strengths (lower bound ``lam_max / 1e4``): with SGD the
+    proximal pull ``1 - inner_lr * lam`` per step must stay above -1."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +329,21 @@ def validate(config: RunConfig) -> None:
         (
             config.meta.max_grad_norm is None or config.meta.max_grad_norm > 0,
             "meta.max_grad_norm must be > 0",
+        ),
+        (config.meta.lam_lr >= 0, "meta.lam_lr must be >= 0"),
+        (
+            config.meta.lam_lr == 0 or config.meta.algorithm == "imaml",
+            "meta.lam_lr (learned proximal strengths) is an iMAML setting",
+        ),
+        (
+            config.meta.lam_lr == 0 or config.inner.lam <= config.meta.lam_max,
+            "inner.lam must be <= meta.lam_max, the bound of learned strengths",
+        ),
+        (
+            config.meta.lam_lr == 0
+            or config.inner.optimizer != "sgd"
+            or config.inner.inner_lr * config.meta.lam_max < 2,
+            "inner.inner_lr * meta.lam_max must be < 2, or proximal SGD diverges",
         ),
         (len(config.sources) >= 1, "at least one source dataset is needed"),
     ]

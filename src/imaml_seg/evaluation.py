@@ -69,6 +69,9 @@ class AdaptedModel:
     unadapted: Params | None = None
     """The weights used where no adaptation step is taken (``steps`` 0 or support CV's 0-step
     candidate); None: ``theta`` (``EvalConfig.blend_only_unadapted``)."""
+    lam: Params | None = None
+    """Per-tensor proximal strengths learned with the weights (``meta.lam_lr``), used in place
+    of ``inner.lam`` when ``proximal``."""
     choice: dict[str, Any] = field(default_factory=dict, init=False)
     """What the last :meth:`adapt` chose (``{"inner_steps": n}`` with ``support_cv``, and
     ``"cv_dice"``: each candidate step count's mean held-out Dice); recorded with each draw's
@@ -83,10 +86,12 @@ class AdaptedModel:
         config: RunConfig,
         device: torch.device,
         unadapted: Params | None = None,
+        lam: Params | None = None,
     ) -> AdaptedModel:
         """Adapt as ``config.eval`` says: its steps, optimizer, step size and augmentations,
-        with iMAML's proximal term only if ``eval.proximal``; ``unadapted``: the weights used
-        where no step is taken (default ``theta``)."""
+        with iMAML's proximal term only if ``eval.proximal`` (with per-tensor strengths ``lam``
+        when the run learned them); ``unadapted``: the weights used where no step is taken
+        (default ``theta``)."""
         ev = config.eval
         inner = eval_inner(config.inner, ev)
         return cls(
@@ -102,6 +107,7 @@ class AdaptedModel:
             support_cv=ev.support_cv,
             support_cv_rule=ev.support_cv_rule,
             unadapted=unadapted,
+            lam={k: v.to(device) for k, v in lam.items()} if lam else None,
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
@@ -121,6 +127,7 @@ class AdaptedModel:
                     augment=self.augment,
                     rule=self.support_cv_rule,
                     unadapted=self.unadapted,
+                    lam=self.lam,
                 )
             self.choice = {"inner_steps": steps}
             if held_out:
@@ -136,6 +143,7 @@ class AdaptedModel:
             proximal=self.proximal,
             steps=steps,
             augment=self.augment,
+            lam=self.lam,
         ).params
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
@@ -194,6 +202,7 @@ def support_cv_steps(
     augment: bool = False,
     rule: str = "best",
     unadapted: Params | None = None,
+    lam: Params | None = None,
 ) -> tuple[int, dict[int, float]]:
     """How many adaptation steps to take on this support set, chosen on the support set alone.
 
@@ -204,7 +213,8 @@ def support_cv_steps(
     picks by ``rule`` (by default the best mean held-out Dice, the fewest steps among ties) and
     the mean Dice of every candidate.  Fine-tuning that lowers held-out Dice, as on a target
     close to the sources, is then skipped; the final adaptation sees all k pairs.  Needs k >= 2.
-    ``unadapted``: the 0-step candidate's weights, if not ``theta`` (a blend with the start).
+    ``unadapted``: the 0-step candidate's weights, if not ``theta`` (a blend with the start);
+    ``lam``: per-tensor proximal strengths (with ``proximal``), as in ``adapt()``.
     """
     k = len(support_x)
     if k < 2:
@@ -230,6 +240,7 @@ def support_cv_steps(
             steps=max(candidates),
             augment=augment,
             observe=keep,
+            lam=lam,
         )
         with torch.no_grad():
             for c in candidates:  # steps a non-finite loop never reached: its last finite weights

@@ -400,16 +400,17 @@ def load_method(
         )
         model.load_state_dict(load_file(str(runs / method / "weights.safetensors")))
         return TestTimeAugmented(model) if config.eval.tta else model
-    unadapted = None
+    unadapted, lam = None, None
     if method == "scratch":
         theta = init_theta(config, device)
     else:
-        trained = load_checkpoint(runs / method).theta
+        ckpt = load_checkpoint(runs / method)
+        trained, lam = ckpt.theta, ckpt.lam
         theta = {k: v.to(device) for k, v in blend_with_start(trained, config).items()}
         if config.eval.blend_only_unadapted:
             theta, unadapted = {k: v.to(device) for k, v in trained.items()}, theta
     model = build_model(config.model).to(device)
-    return AdaptedModel.from_config(method, model, theta, config, device, unadapted)
+    return AdaptedModel.from_config(method, model, theta, config, device, unadapted, lam)
 
 
 def evaluate_unit(

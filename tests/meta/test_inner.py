@@ -220,3 +220,48 @@ def test_observe_stops_at_the_last_finite_weights() -> None:
     adapt(net, theta, x, y, InnerConfig(inner_steps=10, inner_lr=0.01), loss_fn=infinite_after(3),
           observe=lambda t, p: seen.append(t))
     assert seen == [0, 1, 2]  # the loss at the weights after 3 updates was infinite
+
+
+def test_per_tensor_proximal_strengths_reach_their_closed_form_fixed_point() -> None:
+    """Weight and bias held by different strengths: ``phi* = (A + Lam)^-1 (X^T y + Lam theta)``
+    with ``X`` the inputs with a column of ones; both inner-loop paths reach it."""
+    gen = torch.Generator().manual_seed(1)
+    net = nn.Linear(4, 1).double()
+    x = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(10, 1, generator=gen, dtype=torch.float64)
+    theta = {
+        "weight": torch.randn(1, 4, generator=gen, dtype=torch.float64),
+        "bias": torch.randn(1, generator=gen, dtype=torch.float64),
+    }
+    lam = {"weight": torch.tensor(0.5), "bias": torch.tensor(4.0)}
+    xs = torch.cat([x, torch.ones(10, 1, dtype=torch.float64)], 1)
+    strengths = torch.tensor([0.5] * 4 + [4.0], dtype=torch.float64)
+    start = torch.cat([theta["weight"][0], theta["bias"]])
+    system = xs.T @ xs + torch.diag(strengths)
+    expected = torch.linalg.solve(system, xs.T @ y[:, 0] + strengths * start)
+    eig = torch.linalg.eigvalsh(system)
+    config = InnerConfig(inner_steps=3000, inner_lr=2.0 / float(eig.max() + eig.min()))
+    result = adapt(net, theta, x, y, config, proximal=True, loss_fn=sum_squares, lam=lam)
+    found = torch.cat([result.params["weight"][0], result.params["bias"]])
+    assert torch.allclose(found, expected, atol=1e-10)
+    leaf = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    short = InnerConfig(inner_steps=5, inner_lr=0.02)
+    kwargs = dict(proximal=True, loss_fn=sum_squares, lam=lam)
+    graph = adapt(net, leaf, x, y, short, create_graph=True, **kwargs).params
+    plain = adapt(net, theta, x, y, short, **kwargs).params
+    for k in theta:
+        assert torch.allclose(graph[k].detach(), plain[k], atol=1e-12)
+
+
+def test_equal_per_tensor_strengths_adapt_like_one_lam(tiny_net, blobs) -> None:
+    net = tiny_net()
+    theta = get_params(net)
+    x, y = blobs(2, 8, dtype=torch.float64)
+    config = InnerConfig(inner_steps=3, inner_lr=0.1, lam=2.0)
+    one = adapt(net, theta, x, y, config, proximal=True).params
+    lam = {k: torch.tensor(2.0) for k in theta}
+    each = adapt(net, theta, x, y, config, proximal=True, lam=lam).params
+    for k in theta:
+        assert torch.allclose(each[k], one[k], atol=1e-14)
+    with pytest.raises(ValueError, match="every weight tensor"):
+        adapt(net, theta, x, y, config, proximal=True, lam={"0.weight": torch.tensor(1.0)})

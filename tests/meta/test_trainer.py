@@ -76,14 +76,14 @@ def test_failed_tasks_are_skipped_counted_and_never_reach_theta(tmp_path, monkey
     real = trainer.meta_gradient
     calls = {"n": 0}
 
-    def flaky(algorithm, model, theta, task, config):
+    def flaky(algorithm, model, theta, task, config, **kwargs):
         calls["n"] += 1
         if calls["n"] % 2 == 1:  # every other task "diverges"
             nan = {k: torch.full_like(v, float("nan")) for k, v in theta.items()}
             return MetaGradResult(
                 nan, float("nan"), float("nan"), {"cg_status": "nonfinite"}, False
             )
-        return real(algorithm, model, theta, task, config)
+        return real(algorithm, model, theta, task, config, **kwargs)
 
     monkeypatch.setattr(trainer, "meta_gradient", flaky)
     config = merge(load(TINY), {"meta": {"meta_steps": 3, "val_every": 0}})
@@ -95,7 +95,7 @@ def test_failed_tasks_are_skipped_counted_and_never_reach_theta(tmp_path, monkey
 
 
 def test_all_tasks_failing_leaves_theta_unchanged(tmp_path, monkeypatch) -> None:
-    def broken(algorithm, model, theta, task, config):
+    def broken(algorithm, model, theta, task, config, **kwargs):
         nan = {k: torch.full_like(v, float("nan")) for k, v in theta.items()}
         return MetaGradResult(nan, float("nan"), float("nan"), {}, False)
 
@@ -265,3 +265,42 @@ def test_pretrain_average_from_averages_transfer(tmp_path) -> None:
     assert trainer.extends(meta, merge(meta, {"meta": {"pretrain_average_from": 2}}))
     with pytest.raises(ConfigError, match="pretrain_average_from"):
         merge(config, {"meta": {"pretrain_average_from": 4}})
+
+
+def test_lam_lr_learns_one_strength_per_tensor_and_resumes(tmp_path) -> None:
+    """``meta.lam_lr`` moves each tensor's strength from ``inner.lam`` within its bounds; the
+    strengths travel in the checkpoint (with their Adam state), so a run extended from 2 to 4
+    steps equals one 4-step run, and evaluation adapts with them."""
+    from imaml_seg.cli import method_for
+
+    config = merge(load(TINY), {"meta": {"meta_steps": 4, "val_every": 2, "lam_lr": 0.2}})
+    ckpt = load_checkpoint(train(config, Paths(tmp_path / "whole"), quiet=True))
+    assert list(ckpt.lam) == list(ckpt.theta)
+    values = torch.stack(list(ckpt.lam.values()))
+    assert values.min() >= config.meta.lam_max / 1e4 and values.max() <= config.meta.lam_max
+    assert len(set(values.tolist())) > 1 and not torch.allclose(values, torch.tensor(2.0))
+    last = read_log(tmp_path / "whole" / "log.jsonl")[-1]
+    assert last["lam_lo"] == pytest.approx(float(values.min()))
+    assert last["lam_hi"] == pytest.approx(float(values.max()))
+
+    two = merge(config, {"meta": {"meta_steps": 2}})
+    assert load_checkpoint(train(two, Paths(tmp_path / "ext"), quiet=True)).lam
+    extended = load_checkpoint(train(config, Paths(tmp_path / "ext"), resume=True, quiet=True))
+    for name in ckpt.theta:
+        torch.testing.assert_close(extended.theta[name], ckpt.theta[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(extended.lam[name], ckpt.lam[name], rtol=1e-5, atol=1e-6)
+
+    method = method_for(ckpt, "imaml")
+    assert method.lam is not None and all(torch.equal(method.lam[k], ckpt.lam[k]) for k in ckpt.lam)
+    plain = merge(load(TINY), {"meta": {"meta_steps": 4, "val_every": 0}})
+    assert load_checkpoint(train(plain, Paths(tmp_path / "plain"), quiet=True)).lam == {}
+
+
+def test_lam_lr_is_an_imaml_setting_within_stable_bounds() -> None:
+    config = load(TINY)
+    with pytest.raises(ConfigError, match="iMAML setting"):
+        merge(config, {"meta": {"algorithm": "maml", "lam_lr": 0.1}})
+    with pytest.raises(ConfigError, match="lam_max"):
+        merge(config, {"meta": {"lam_lr": 0.1, "lam_max": 25.0}})
+    with pytest.raises(ConfigError, match="lam_max"):
+        merge(config, {"meta": {"lam_lr": 0.1, "lam_max": 1.0}})

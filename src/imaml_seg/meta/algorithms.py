@@ -23,6 +23,7 @@ from imaml_seg.meta.implicit import (
     OutputHVP,
     dice_bce_curvature,
     implicit_meta_grad,
+    lam_meta_grad,
     output_hvp_of,
 )
 from imaml_seg.meta.inner import AdaptResult, SegLoss, adapt, all_finite
@@ -54,6 +55,9 @@ class MetaGradResult:
     ok: bool = True
     """False when the task must be skipped (non-finite loss, gradient or solve, or a CG solve
     that never improved on its zero start)."""
+    lam_grad: Params | None = None
+    """iMAML with per-tensor strengths: the query loss's derivative in each ``log lam``
+    (:func:`imaml_seg.meta.implicit.lam_meta_grad`); None otherwise."""
 
 
 def bce_output_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -97,6 +101,7 @@ def meta_gradient(
     *,
     loss_fn: SegLoss = dice_bce_loss,
     output_curvature: Callable[[Tensor], OutputHVP] | None = None,
+    lam: Params | None = None,
 ) -> MetaGradResult:
     """One task's meta-gradient w.r.t. ``theta`` for 'imaml', 'maml', 'fomaml' or 'reptile'.
 
@@ -107,13 +112,17 @@ def meta_gradient(
 
     With ``config.meta.start_weight = w > 0`` the gradient of ``w L_query(theta)`` (the query
     loss of the start itself) is added, and ``stats['start_query_loss']`` records that loss.
+    ``lam`` (iMAML only): one proximal strength per weight tensor instead of ``inner.lam``; the
+    result then carries ``lam_grad`` too.
     """
+    if lam is not None and algorithm != "imaml":
+        raise ValueError("per-tensor proximal strengths (lam) are an iMAML setting")
     weight = config.meta.start_weight
     if weight != 0 and algorithm == "reptile":
         raise ValueError("meta.start_weight needs a meta-gradient; Reptile has none")
     if algorithm == "imaml":
         curvature = output_curvature or ggn_curvature(loss_fn)
-        result = _imaml(model, theta, task, config, loss_fn, curvature)
+        result = _imaml(model, theta, task, config, loss_fn, curvature, lam)
     elif algorithm == "maml":
         result = _maml(model, theta, task, config, loss_fn)
     elif algorithm == "fomaml":
@@ -161,9 +170,17 @@ def _imaml(
     config: RunConfig,
     loss_fn: SegLoss,
     output_curvature: Callable[[Tensor], OutputHVP],
+    lam: Params | None = None,
 ) -> MetaGradResult:
     inner = adapt(
-        model, theta, task.support_x, task.support_y, config.inner, proximal=True, loss_fn=loss_fn
+        model,
+        theta,
+        task.support_x,
+        task.support_y,
+        config.inner,
+        proximal=True,
+        loss_fn=loss_fn,
+        lam=lam,
     )
     stats = _inner_stats(inner)
     support = inner.final_loss
@@ -184,7 +201,7 @@ def _imaml(
         support_loss,
         phi,
         g,
-        lam=config.inner.lam,
+        lam=config.inner.lam if lam is None else lam,
         config=config.implicit,
         ggn=(support_output, output_curvature(task.support_y)),
     )
@@ -200,7 +217,8 @@ def _imaml(
         # No CG iterate beat the zero start (negative curvature or growth from the first step,
         # as with the exact Hessian at small lam): the "solution" would be a silent zero.
         return _failed(theta, query, support, stats, "cg_no_progress")
-    return MetaGradResult(v, query, support, stats)
+    lam_grad = None if lam is None else lam_meta_grad(v, phi, theta)
+    return MetaGradResult(v, query, support, stats, lam_grad=lam_grad)
 
 
 def _maml(

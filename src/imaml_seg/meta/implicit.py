@@ -175,7 +175,7 @@ def implicit_meta_grad(
     phi: Params,
     query_grad: Params,
     *,
-    lam: float,
+    lam: float | Params,
     config: ImplicitConfig,
     solve: Solver = cg,
     ggn: tuple[OutputFn, OutputHVP] | None = None,
@@ -189,16 +189,16 @@ def implicit_meta_grad(
     ``output_hvp`` the support loss's output curvature (``output_hvp_of(loss)``, or a PSD
     version such as ``dice_bce_curvature(target)``).  ``config.cg_steps`` iterations of ``solve``
     starting from ``x0`` (zeros by default); returns ``v`` as a dict and the solver's report.
-    """
-    if config.hessian == "ggn":
-        if ggn is None:
-            raise ValueError("config.hessian == 'ggn' needs ggn=(output_fn, output_hvp)")
-        curvature = ggn_matvec(ggn[0], ggn[1], phi)
-    elif config.hessian == "exact":
-        curvature = hvp_matvec(support_loss, phi)
-    else:
-        raise ValueError(f"unknown hessian '{config.hessian}' (use 'exact' or 'ggn')")
 
+    ``lam`` may hold one strength per weight tensor (a dict of scalars, ``Lam`` the diagonal
+    they make): then ``v = Lam (H + damping I + Lam)^{-1} query_grad``, the derivative of the
+    query loss through ``phi* = argmin L_support + 1/2 (phi - theta)^T Lam (phi - theta)``; it is
+    solved as ``(I + Lam^{-1/2} (H + damping I) Lam^{-1/2}) w = Lam^{-1/2} query_grad``,
+    ``v = Lam^{1/2} w`` (symmetric, so CG applies; one scalar ``lam`` is the same equation).
+    """
+    if isinstance(lam, dict):
+        return _per_tensor_meta_grad(support_loss, phi, query_grad, lam, config, solve, ggn, x0)
+    curvature = _curvature(support_loss, phi, config, ggn)
     like = _detached(phi)
     shift = 1.0 + config.damping / lam
 
@@ -209,3 +209,62 @@ def implicit_meta_grad(
     start = None if x0 is None else flatten(_detached(x0))
     result = solve(matvec, b, maxiter=config.cg_steps, rtol=config.rtol, x0=start)
     return {name: t.clone() for name, t in unflatten(result.solution, like).items()}, result
+
+
+def _curvature(
+    support_loss: LossFn,
+    phi: Params,
+    config: ImplicitConfig,
+    ggn: tuple[OutputFn, OutputHVP] | None,
+) -> Callable[[Params], Params]:
+    if config.hessian == "ggn":
+        if ggn is None:
+            raise ValueError("config.hessian == 'ggn' needs ggn=(output_fn, output_hvp)")
+        return ggn_matvec(ggn[0], ggn[1], phi)
+    if config.hessian == "exact":
+        return hvp_matvec(support_loss, phi)
+    raise ValueError(f"unknown hessian '{config.hessian}' (use 'exact' or 'ggn')")
+
+
+def _per_tensor_meta_grad(
+    support_loss: LossFn,
+    phi: Params,
+    query_grad: Params,
+    lam: Params,
+    config: ImplicitConfig,
+    solve: Solver,
+    ggn: tuple[OutputFn, OutputHVP] | None,
+    x0: Params | None,
+) -> tuple[Params, CGResult]:
+    """:func:`implicit_meta_grad` with one proximal strength per weight tensor."""
+    if set(lam) != set(phi):
+        raise ValueError("per-tensor lam needs one strength for every weight tensor of phi")
+    curvature = _curvature(support_loss, phi, config, ggn)
+    like = _detached(phi)
+    root = {k: lam[k].detach().to(like[k]).sqrt() for k in like}
+
+    def scaled(x: Params, power: int) -> Params:
+        return {k: x[k] * root[k] ** power for k in like}
+
+    def matvec(x: Tensor) -> Tensor:
+        z = scaled(unflatten(x, like), -1)
+        hz = curvature(z)
+        return x + flatten(scaled({k: hz[k] + config.damping * z[k] for k in like}, -1))
+
+    b = flatten(scaled(_detached(query_grad), -1))
+    start = None if x0 is None else flatten(scaled(_detached(x0), -1))
+    result = solve(matvec, b, maxiter=config.cg_steps, rtol=config.rtol, x0=start)
+    v = scaled(unflatten(result.solution, like), 1)
+    return {name: t.clone() for name, t in v.items()}, result
+
+
+def lam_meta_grad(v: Params, phi: Params, theta: Params) -> Params:
+    """The query loss's derivative in each tensor's ``log lam``: ``-<v_k, phi_k - theta_k>``.
+
+    From the stationarity ``grad L_support(phi*) + Lam (phi* - theta) = 0``: ``d phi*/d lam_k =
+    -(H + Lam)^{-1} E_k (phi* - theta)`` (``E_k`` selects tensor ``k``), so with ``v = Lam (H +
+    Lam)^{-1} g`` (:func:`implicit_meta_grad`) the derivative in ``log lam_k = s_k`` is
+    ``lam_k d/d lam_k = -<v_k, phi*_k - theta_k>``: a tensor whose adaptation moved along the
+    query gradient's descent direction is let go further, one that moved against it is held.
+    """
+    return {k: -(v[k].detach() * (phi[k].detach() - theta[k].detach())).sum() for k in v}

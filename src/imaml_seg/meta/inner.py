@@ -107,13 +107,16 @@ def adapt(
     loss_fn: SegLoss = dice_bce_loss,
     augment: bool = False,
     observe: Callable[[int, Params], None] | None = None,
+    lam: Params | None = None,
 ) -> AdaptResult:
     """Fine-tune ``theta`` on the support set: ``steps`` (default ``config.inner_steps``) updates.
 
     Minimises ``loss_fn(forward(model, phi, support_x), support_y)``, plus
     ``config.lam/2 ||phi - theta||^2`` if ``proximal`` (theta detached there: iMAML's phi depends
-    on theta only through the implicit gradient).  ``model`` may be any module whose forward maps
-    ``support_x`` to what ``loss_fn`` compares with ``support_y``.  With ``create_graph`` the
+    on theta only through the implicit gradient); ``lam``, one scalar per weight tensor, replaces
+    ``config.lam`` there with per-tensor strengths (``lam[k]/2 ||phi_k - theta_k||^2``).
+    ``model`` may be any module whose forward maps ``support_x`` to what ``loss_fn`` compares
+    with ``support_y``.  With ``create_graph`` the
     result is differentiable w.r.t. ``theta`` (whose tensors must then require grad).  With
     ``augment``, step ``t`` sees support pair ``i`` under dihedral transform ``(t + i) % 8``
     (a flip and/or quarter turn of image and mask alike), so k shots act as up to 8k; the
@@ -123,6 +126,9 @@ def adapt(
     """
     n_steps = config.inner_steps if steps is None else steps
     anchor = {k: t.detach() for k, t in theta.items()}
+    if lam is not None and set(lam) != set(theta):
+        raise ValueError("per-tensor lam needs one strength for every weight tensor of theta")
+    strength = {k: t.detach().to(anchor[k]) for k, t in (lam or {}).items()}
 
     def task_loss(p: Params, x: Tensor = support_x, y: Tensor = support_y) -> Tensor:
         return loss_fn(forward(model, p, x), y)
@@ -138,9 +144,12 @@ def adapt(
     def objective(p: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss = task_loss(p, x, y)
         total = loss
-        if proximal:
+        if proximal and lam is None:
             prox = sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
             total = loss + 0.5 * config.lam * prox
+        elif proximal:
+            prox = sum(strength[k] * ((p[k] - anchor[k]) ** 2).sum() for k in p)
+            total = loss + 0.5 * prox
         return total, loss.detach()
 
     if create_graph:
@@ -160,7 +169,7 @@ def adapt(
         else:
             grads, total = grad_and_value(task_loss)(phi, x, y)
             if proximal:
-                grads = _add_proximal(grads, phi, anchor, config.lam)
+                grads = _add_proximal(grads, phi, anchor, strength or config.lam)
             loss = total = total.detach()
         losses.append(float(loss))
         if not math.isfinite(float(total.detach())):
@@ -184,10 +193,15 @@ def adapt(
     return AdaptResult(phi, losses, final, "ok" if math.isfinite(final) else "nonfinite")
 
 
-def _add_proximal(grads: Params, phi: Params, anchor: Params, lam: float) -> Params:
-    """``grads + lam (phi - anchor)``: the proximal term's gradient, in closed form."""
+def _add_proximal(
+    grads: Params, phi: Params, anchor: Params, lam: float | dict[str, float | Tensor]
+) -> Params:
+    """``grads + lam (phi - anchor)``: the proximal term's gradient, in closed form (``lam``
+    one strength, or one per weight tensor)."""
     keys = list(grads)
     diff = torch._foreach_sub([phi[k] for k in keys], [anchor[k] for k in keys])
+    if isinstance(lam, dict):
+        return {k: grads[k] + lam[k] * d for k, d in zip(keys, diff, strict=True)}
     total = torch._foreach_add([grads[k] for k in keys], diff, alpha=lam)
     return dict(zip(keys, total, strict=True))
 

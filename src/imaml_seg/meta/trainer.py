@@ -19,6 +19,9 @@ With ``meta.average_from = s`` a meta-learner's checkpoint ships the mean of ``t
 meta-steps ``s`` to the last (``meta.pretrain_average_from``: transfer's pretraining steps); the
 running mean (``opt/average``) travels in the optimiser state, and once the run is finished the
 last step's own ``theta`` does (``opt/raw``), so resuming and extending continue both.
+
+With ``meta.lam_lr > 0`` iMAML also learns one proximal strength per weight tensor (outer Adam
+on ``log lam``, state ``opt/lam_m``, ``opt/lam_v``); the checkpoint carries the strengths.
 """
 
 from __future__ import annotations
@@ -186,8 +189,10 @@ def validation_dice(
     config: RunConfig,
     n: int,
     device: torch.device,
+    lam: Params | None = None,
 ) -> float:
-    """Mean query Dice after ``adapt()`` on ``n`` tasks from the sources' test pools."""
+    """Mean query Dice after ``adapt()`` on ``n`` tasks from the sources' test pools (iMAML's
+    proximal term with ``lam``, per-tensor strengths, when given)."""
     scores = []
     for index in range(n):
         task = sampler.sample(0, index)
@@ -198,6 +203,7 @@ def validation_dice(
             task.support_y.to(device),
             config.inner,
             proximal=config.meta.algorithm == "imaml",
+            lam=lam or None,
         ).params
         with torch.no_grad():
             pred = torch.sigmoid(forward(model, phi, task.query_x.to(device))) > 0.5
@@ -232,6 +238,7 @@ def train(
     algorithm = config.meta.algorithm
     model = build_model(config.model).to(device)
     start, opt_state, state = 0, None, {}
+    lam: Params = {}
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         start, state = ckpt.step, ckpt.state
@@ -249,6 +256,7 @@ def train(
             s: {k: v.to(device) for k, v in p.items()} for s, p in ckpt.optimizer_state.items()
         }
         theta = {k: v.to(device) for k, v in ckpt.theta.items()}
+        lam = {k: v.to(device) for k, v in ckpt.lam.items()}
         if "raw" in opt_state:  # a finished averaged run: theta is the mean, raw the last step's
             opt_state["average"], theta = theta, opt_state.pop("raw")
         if world.is_main:
@@ -286,20 +294,25 @@ def train(
     adam = OuterAdam(config.meta.meta_lr)
     if opt_state is None:
         opt_state = adam.init(theta) if algorithm != "reptile" else {}
+    lam_adam = OuterAdam(config.meta.lam_lr)
+    if config.meta.lam_lr > 0 and not lam:
+        lam = {k: torch.full((), config.inner.lam).to(v) for k, v in theta.items()}
+        opt_state.update({f"lam_{slot}": p for slot, p in lam_adam.init(lam).items()})
+    log_bounds = (math.log(config.meta.lam_max / 1e4), math.log(config.meta.lam_max))
 
-    step_fn: Callable[[int], tuple[Params | None, dict[str, Any]]]
+    step_fn: Callable[[int], tuple[Params | None, Params | None, dict[str, Any]]]
     if algorithm == "transfer":
 
-        def step_fn(step: int) -> tuple[Params | None, dict[str, Any]]:
+        def step_fn(step: int) -> tuple[Params | None, Params | None, dict[str, Any]]:
             x, y = pooled_batch(
                 sources, config.meta.pretrain_batch_size, step, augment=d.augment, **common
             )
             grad, loss = supervised_grad(model, theta, x.to(device), y.to(device))
-            return grad, {"loss": loss}
+            return grad, None, {"loss": loss}
     else:
 
-        def step_fn(step: int) -> tuple[Params | None, dict[str, Any]]:
-            return _meta_step(model, theta, sampler, config, step, world, device)
+        def step_fn(step: int) -> tuple[Params | None, Params | None, dict[str, Any]]:
+            return _meta_step(model, theta, sampler, config, step, world, device, lam or None)
 
     bar = tqdm(
         range(start, total),
@@ -313,13 +326,18 @@ def train(
     done_here = 0
     for step in bar:
         t0 = time.perf_counter()
-        grad, record = step_fn(step)
+        grad, lam_grad, record = step_fn(step)
         if grad is not None:
             grad, record["grad_norm"] = clip_grad_norm(grad, config.meta.max_grad_norm)
             if algorithm == "reptile":
                 theta = {k: theta[k] - config.meta.reptile_lr * grad[k] for k in theta}
             else:
                 theta = adam.step(theta, grad, opt_state, step + 1)
+        if lam_grad is not None:
+            lam = learned_lam_step(lam, lam_grad, lam_adam, opt_state, step + 1, log_bounds)
+        if lam:
+            values = torch.stack(list(lam.values()))
+            record.update(lam_lo=float(values.min()), lam_hi=float(values.max()))
         if average_from and step + 1 >= average_from:
             running_mean(opt_state, theta, step + 2 - average_from)
         record.update(step=step + 1, phase=algorithm, seconds=round(time.perf_counter() - t0, 3))
@@ -330,11 +348,17 @@ def train(
             and ((step + 1) % config.meta.val_every == 0 or last)
         ):
             record["val_dice"] = validation_dice(
-                model, theta, val_sampler, config, config.meta.val_tasks, device
+                model, theta, val_sampler, config, config.meta.val_tasks, device, lam
             )
             if last and "average" in opt_state:
                 record["val_dice_average"] = validation_dice(
-                    model, opt_state["average"], val_sampler, config, config.meta.val_tasks, device
+                    model,
+                    opt_state["average"],
+                    val_sampler,
+                    config,
+                    config.meta.val_tasks,
+                    device,
+                    lam,
                 )
         if world.is_main:
             _log(log_path, record)
@@ -349,7 +373,8 @@ def train(
                 saved_state = {k: v for k, v in opt_state.items() if k != "average"}
                 weights, saved_state["raw"] = opt_state["average"], theta
             save_checkpoint(
-                ckpt_path, Checkpoint(config, weights, step + 1, saved_state, {"done": last})
+                ckpt_path,
+                Checkpoint(config, weights, step + 1, saved_state, {"done": last}, lam),
             )
         if stop:
             break
@@ -359,6 +384,21 @@ def train(
 
         learning_curve(log_path, out / "learning_curve.png")
     return ckpt_path
+
+
+def learned_lam_step(
+    lam: Params,
+    lam_grad: Params,
+    adam: OuterAdam,
+    opt_state: dict[str, Params],
+    t: int,
+    bounds: tuple[float, float],
+) -> Params:
+    """One outer Adam step on ``log lam`` (state ``opt_state['lam_m'|'lam_v']``), clipped to
+    ``bounds`` (log scale); returns the new strengths."""
+    state = {"m": opt_state["lam_m"], "v": opt_state["lam_v"]}
+    logs = adam.step({k: v.log() for k, v in lam.items()}, lam_grad, state, t)
+    return {k: v.clamp(*bounds).exp() for k, v in logs.items()}
 
 
 def running_mean(opt_state: dict[str, Params], theta: Params, n: int) -> None:
@@ -379,10 +419,13 @@ def _meta_step(
     step: int,
     world: World,
     device: torch.device,
-) -> tuple[Params | None, dict[str, Any]]:
-    """Average this meta-batch's finite task meta-gradients over all ranks."""
+    lam: Params | None = None,
+) -> tuple[Params | None, Params | None, dict[str, Any]]:
+    """Average this meta-batch's finite task meta-gradients over all ranks (and, with per-tensor
+    strengths ``lam``, their ``log lam`` derivatives: the second value, else None)."""
     leaf = {k: v.detach().requires_grad_(config.meta.algorithm == "maml") for k, v in theta.items()}
     total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    lam_total = {k: torch.zeros_like(v) for k, v in (lam or {}).items()}
     # ok tasks, query loss, cg residual, skipped, start query loss
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     for index in world.my_tasks(config.meta.meta_batch_size):
@@ -391,7 +434,7 @@ def _meta_step(
             *(t.to(device) for t in (task.support_x, task.support_y, task.query_x, task.query_y)),
             task.dataset,
         )
-        result = meta_gradient(config.meta.algorithm, model, leaf, task, config)
+        result = meta_gradient(config.meta.algorithm, model, leaf, task, config, lam=lam)
         if not result.ok:
             warnings.warn(
                 f"step {step + 1}: task {index} ({task.dataset}) skipped: {result.stats}",
@@ -401,28 +444,30 @@ def _meta_step(
             continue
         for k in total:
             total[k] += result.grad[k].detach()
+        for k in lam_total:
+            lam_total[k] += result.lam_grad[k]
         sums[0] += 1
         sums[1] += result.query_loss
         sums[2] += float(result.stats.get("cg_residual", 0.0))
         sums[4] += float(result.stats.get("start_query_loss", 0.0))
-    tensors = list(total.values()) + [sums]
+    tensors = list(total.values()) + list(lam_total.values()) + [sums]
     all_reduce_sum(tensors, world)
     ok, skipped = int(sums[0].item()), int(sums[3].item())
     record: dict[str, Any] = {"tasks": ok, "skipped": skipped}
     if ok == 0:
-        return None, record
+        return None, None, record
     record["query_loss"] = sums[1].item() / ok
     if config.meta.algorithm == "imaml":
         record["cg_residual"] = sums[2].item() / ok
     if config.meta.start_weight > 0:
         record["start_query_loss"] = sums[4].item() / ok
     grad = {k: v / ok for k, v in total.items()}
-    if not all(torch.isfinite(v).all() for v in grad.values()) or not math.isfinite(
-        record["query_loss"]
-    ):
+    lam_grad = {k: v / ok for k, v in lam_total.items()} if lam else None
+    found = [*grad.values(), *(lam_grad or {}).values()]
+    if not all(torch.isfinite(v).all() for v in found) or not math.isfinite(record["query_loss"]):
         record["skipped"] += ok
-        return None, record
-    return grad, record
+        return None, None, record
+    return grad, lam_grad, record
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
