@@ -120,7 +120,9 @@ class MetaConfig:
     ``theta`` (outer Adam at this rate on ``log lam``, starting at ``inner.lam``; the derivative
     is :func:`imaml_seg.meta.implicit.lam_meta_grad`), so that meta-training learns how far each
     tensor may move while adapting, not only where it starts.  The strengths travel in the
-    checkpoint and are used at test time with ``eval.proximal``.  0 keeps ``inner.lam``."""
+    checkpoint and are used at test time with ``eval.proximal``.  0 keeps ``inner.lam``.
+    Transfer and scratch ignore it (a study's warm start is plain transfer); MAML, FOMAML and
+    Reptile, which have no proximal term, refuse it."""
     lam_max: float = 10.0
     """Upper bound of the learned strengths (lower bound ``lam_max / 1e4``): with SGD the
     proximal pull ``1 - inner_lr * lam`` per step must stay above -1."""
@@ -332,7 +334,7 @@ def validate(config: RunConfig) -> None:
         ),
         (config.meta.lam_lr >= 0, "meta.lam_lr must be >= 0"),
         (
-            config.meta.lam_lr == 0 or config.meta.algorithm == "imaml",
+            config.meta.lam_lr == 0 or config.meta.algorithm not in ("maml", "fomaml", "reptile"),
             "meta.lam_lr (learned proximal strengths) is an iMAML setting",
         ),
         (

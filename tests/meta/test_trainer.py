@@ -296,10 +296,17 @@ def test_lam_lr_learns_one_strength_per_tensor_and_resumes(tmp_path) -> None:
     assert load_checkpoint(train(plain, Paths(tmp_path / "plain"), quiet=True)).lam == {}
 
 
-def test_lam_lr_is_an_imaml_setting_within_stable_bounds() -> None:
+def test_lam_lr_is_an_imaml_setting_within_stable_bounds(tmp_path) -> None:
+    """MAML refuses learned strengths; transfer ignores them, so a study's warm-start transfer
+    with ``lam_lr`` set continues a plain transfer run and learns none."""
     config = load(TINY)
     with pytest.raises(ConfigError, match="iMAML setting"):
         merge(config, {"meta": {"algorithm": "maml", "lam_lr": 0.1}})
+    transfer = merge(config, {"meta": {"algorithm": "transfer", "pretrain_steps": 2}})
+    learned = merge(transfer, {"meta": {"lam_lr": 0.1}})
+    assert trainer.extends(transfer, learned)
+    assert not trainer.extends(config, merge(config, {"meta": {"lam_lr": 0.1}}))
+    assert load_checkpoint(train(learned, Paths(tmp_path), quiet=True)).lam == {}
     with pytest.raises(ConfigError, match="lam_max"):
         merge(config, {"meta": {"lam_lr": 0.1, "lam_max": 25.0}})
     with pytest.raises(ConfigError, match="lam_max"):

@@ -71,14 +71,16 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     The ``[eval]`` section and the budget the run does not train with (``meta_steps`` of
     transfer, ``pretrain_steps`` of the others) may differ: training never reads them
     (validation adapts with the ``[inner]`` loop).  Nor does transfer read ``start_weight``, a
-    term of the meta-objective, or ``average_from``, so a warm-start study with either may
-    continue plain transfer; the meta-learners do not read ``pretrain_average_from``.  A run
-    without averaging may be continued to one that averages only steps after its own (classic
-    SWA: train, then average further steps)."""
+    term of the meta-objective, ``average_from`` or the learned strengths' ``lam_lr`` and
+    ``lam_max``, so a warm-start study with any of them may continue plain transfer; the
+    meta-learners do not read ``pretrain_average_from``.  A run without averaging may be
+    continued to one that averages only steps after its own (classic SWA: train, then average
+    further steps)."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     if old.meta.algorithm in ("transfer", "scratch"):
         budget["start_weight"] = new.meta.start_weight
         budget["average_from"] = new.meta.average_from
+        budget["lam_lr"], budget["lam_max"] = new.meta.lam_lr, new.meta.lam_max
     if old.meta.algorithm != "transfer":
         budget["pretrain_average_from"] = new.meta.pretrain_average_from
     own = "pretrain_average_from" if old.meta.algorithm == "transfer" else "average_from"
@@ -295,7 +297,7 @@ def train(
     if opt_state is None:
         opt_state = adam.init(theta) if algorithm != "reptile" else {}
     lam_adam = OuterAdam(config.meta.lam_lr)
-    if config.meta.lam_lr > 0 and not lam:
+    if config.meta.lam_lr > 0 and algorithm == "imaml" and not lam:
         lam = {k: torch.full((), config.inner.lam).to(v) for k, v in theta.items()}
         opt_state.update({f"lam_{slot}": p for slot, p in lam_adam.init(lam).items()})
     log_bounds = (math.log(config.meta.lam_max / 1e4), math.log(config.meta.lam_max))
