@@ -68,7 +68,7 @@ def test_budget_tables_in_the_readme_match_their_results() -> None:
         assert block == budget_table.table(parsed), f"README budget table {args} is stale"
 
 
-@pytest.mark.parametrize("script", ["support_select", "source_scores"])
+@pytest.mark.parametrize("script", ["support_select", "source_scores", "learned_strengths"])
 def test_tables_of_weight_scoring_scripts_match_their_saved_scores(script: str) -> None:
     """Scripts that score weights save what they computed; the README's blocks reprint from it."""
     module = load_script(script)
