@@ -354,3 +354,20 @@ def test_start_blend_adapts_from_the_mix_with_the_warm_start_once(tiny_model, tm
     assert "blend_only_unadapted (in the model's config) is a study setting" in err
     err = error_of(capsys, ["evaluate", str(warm), "--start-blend", "2", "-q"])
     assert "eval.start_blend must be in [0, 1]" in err
+
+
+def test_proximal_flag_reaches_the_adapted_checkpoint_and_needs_a_support_set(
+    tiny_model, tmp_path, capsys
+) -> None:
+    from imaml_seg.checkpoint import load_checkpoint
+
+    support = generic_tree(tmp_path / "support", n=2, h=40, w=52)
+    for flag, kept in (("--proximal", True), ("--no-proximal", False)):
+        adapted = tmp_path / f"adapted{flag}.safetensors"
+        assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                     str(adapted), "--inner-steps", "2", flag, "-q"]) == 0
+        assert load_checkpoint(adapted).config.eval.proximal is kept
+    images = generic_tree(tmp_path / "new", n=1, h=30, w=44) / "images"
+    err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
+                            "--out", str(tmp_path / "out"), "--no-proximal", "-q"])
+    assert "--no-proximal: only with --support" in err

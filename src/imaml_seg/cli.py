@@ -157,6 +157,12 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tta", action="store_true", help="average predictions over 8 flips/rotations")
     p.add_argument(
+        "--proximal",
+        action=argparse.BooleanOptionalAction,
+        help="keep iMAML's proximal term while adapting, with the per-tensor strengths the model "
+        "learned if it has them (meta.lam_lr); default: the model's eval.proximal",
+    )
+    p.add_argument(
         "--start-blend",
         type=float,
         metavar="B",
@@ -187,6 +193,8 @@ def _test_time_overrides(args: argparse.Namespace) -> dict:
     for flag in ("augment_support", "tta"):
         if getattr(args, flag, False):
             overrides[flag] = True
+    if getattr(args, "proximal", None) is not None:
+        overrides["proximal"] = args.proximal
     if getattr(args, "support_cv", None):
         overrides["support_cv"] = True
         overrides["support_cv_rule"] = args.support_cv
@@ -324,8 +332,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from imaml_seg.predict import check_outputs, predict_folder
 
     adapting = [
-        f"--{k.replace('_', '-')}"
-        for k in _test_time_overrides(args)
+        f"--{'' if value is not False else 'no-'}{k.replace('_', '-')}"
+        for k, value in _test_time_overrides(args).items()
         if k not in ("tta", "support_cv_rule", "start_blend")
     ]
     if adapting and not args.support:
