@@ -51,6 +51,11 @@ STAGES = {
 of the input's resolution."""
 
 
+def readme_blocks(text: str) -> list[tuple[list[str], str]]:
+    """The README's learned-strength tables: each one's arguments and body."""
+    return readme_block.blocks(text, TAG)
+
+
 def unit_strengths(root: Path, unit: str, *, compute: bool = True) -> dict:
     """``{"train_seed", "inner_lam", "lam_max", "lam": {name: strength}}`` of ``STUDY:METHOD``:
     saved, or read from its finished run's checkpoint and saved (``compute``)."""
@@ -130,11 +135,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=Path("."))
     p.add_argument("--readme", type=Path, help="write the table into this README's block")
     return p
-
-
-def readme_blocks(text: str) -> list[tuple[list[str], str]]:
-    """The README's learned-strength tables: each one's arguments and body."""
-    return readme_block.blocks(text, TAG)
 
 
 def main(argv: list[str] | None = None) -> int:
