@@ -371,3 +371,20 @@ def test_proximal_flag_reaches_the_adapted_checkpoint_and_needs_a_support_set(
     err = error_of(capsys, ["predict", "--model", str(tiny_model), "--images", str(images),
                             "--out", str(tmp_path / "out"), "--no-proximal", "-q"])
     assert "--no-proximal: only with --support" in err
+
+
+def test_no_support_cv_turns_off_a_models_own_support_cv(tiny_model, tmp_path, capsys) -> None:
+    from imaml_seg.checkpoint import load_checkpoint
+
+    support = generic_tree(tmp_path / "support", n=2, h=40, w=52)
+    with_cv, without = tmp_path / "cv.safetensors", tmp_path / "plain.safetensors"
+    assert main(["adapt", "--model", str(tiny_model), "--support", str(support), "--out",
+                 str(with_cv), "--inner-steps", "2", "--support-cv", "-q"]) == 0
+    assert load_checkpoint(with_cv).config.eval.support_cv
+    assert main(["adapt", "--model", str(with_cv), "--support", str(support), "--out",
+                 str(without), "--no-support-cv", "-q"]) == 0
+    assert not load_checkpoint(without).config.eval.support_cv
+    err = error_of(capsys, ["adapt", "--model", str(tiny_model), "--support", str(support),
+                            "--out", str(tmp_path / "x.safetensors"), "--support-cv",
+                            "--no-support-cv", "-q"])
+    assert "--support-cv and --no-support-cv: choose one" in err

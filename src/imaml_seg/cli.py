@@ -181,6 +181,12 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
         "'one_se' (the fewest steps within one standard error of the best) or 'paired_se' (the "
         "same on the per-image differences to the best)",
     )
+    p.add_argument(
+        "--no-support-cv",
+        action="store_true",
+        help="adapt the full --inner-steps even where the model's config chooses them by support "
+        "cross-validation (as the shipped model's does)",
+    )
 
 
 def _test_time_overrides(args: argparse.Namespace) -> dict:
@@ -196,8 +202,12 @@ def _test_time_overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "proximal", None) is not None:
         overrides["proximal"] = args.proximal
     if getattr(args, "support_cv", None):
+        if getattr(args, "no_support_cv", False):
+            raise UsageError("--support-cv and --no-support-cv: choose one")
         overrides["support_cv"] = True
         overrides["support_cv_rule"] = args.support_cv
+    elif getattr(args, "no_support_cv", False):
+        overrides["support_cv"] = False
     return overrides
 
 
