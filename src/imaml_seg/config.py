@@ -123,6 +123,16 @@ class MetaConfig:
     checkpoint and are used at test time with ``eval.proximal``.  0 keeps ``inner.lam``.
     Transfer and scratch ignore it (a study's warm start is plain transfer); MAML, FOMAML and
     Reptile, which have no proximal term, refuse it."""
+    task_shift: float = 0.0
+    """Strength in [0, 1] of a synthetic domain shift drawn per meta-training task: every image of
+    the task (support and query) gets the same random colour mixing, channel curve and zoom
+    (:func:`imaml_seg.data.shift.shift_task`), so that adapting is needed on the sources as it is
+    on an unseen target.  0 is off.  Transfer, which trains on pooled batches, reads
+    ``pretrain_shift`` instead; validation tasks are never shifted."""
+    pretrain_shift: float = 0.0
+    """The same for transfer: each pretraining image under its own random shift of this
+    strength (domain randomisation), so that the lever is open to the supervised baseline too.
+    The meta-learners do not read it (a warm start reads the transfer checkpoint it names)."""
     lam_max: float = 10.0
     """Upper bound of the learned strengths (lower bound ``lam_max / 1e4``): with SGD the
     proximal pull ``1 - inner_lr * lam`` per step must stay above -1."""
@@ -333,6 +343,8 @@ def validate(config: RunConfig) -> None:
             "meta.max_grad_norm must be > 0",
         ),
         (config.meta.lam_lr >= 0, "meta.lam_lr must be >= 0"),
+        (0.0 <= config.meta.task_shift <= 1.0, "meta.task_shift must be in [0, 1]"),
+        (0.0 <= config.meta.pretrain_shift <= 1.0, "meta.pretrain_shift must be in [0, 1]"),
         (
             config.meta.lam_lr == 0 or config.meta.algorithm not in ("maml", "fomaml", "reptile"),
             "meta.lam_lr (learned proximal strengths) is an iMAML setting",

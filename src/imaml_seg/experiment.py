@@ -369,6 +369,7 @@ def _train_baseline(
         test_fraction=d.test_fraction,
         split_seed=d.split_seed,
         augment=d.augment,
+        shift=config.meta.task_shift,
     )
     model = build_baseline(method, resolution=d.resolution, seed=config.training_seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from imaml_seg.checkpoint import load_checkpoint
-from imaml_seg.config import ConfigError, load, merge
+from imaml_seg.config import ConfigError, RunConfig, load, merge
 from imaml_seg.meta import trainer
 from imaml_seg.meta.algorithms import MetaGradResult
 from imaml_seg.meta.trainer import Paths, read_log, train
@@ -311,3 +311,28 @@ def test_lam_lr_is_an_imaml_setting_within_stable_bounds(tmp_path) -> None:
         merge(config, {"meta": {"lam_lr": 0.1, "lam_max": 25.0}})
     with pytest.raises(ConfigError, match="lam_max"):
         merge(config, {"meta": {"lam_lr": 0.1, "lam_max": 1.0}})
+
+
+def test_task_shift_for_meta_learners_pretrain_shift_for_transfer(tmp_path) -> None:
+    """``task_shift`` changes what a meta-learner trains on and transfer ignores it (a shifted
+    study's warm start continues plain transfer); ``pretrain_shift`` is the reverse."""
+    meta = merge(load(TINY), {"meta": {"meta_steps": 2, "val_every": 0}})
+    transfer = merge(meta, {"meta": {"algorithm": "transfer", "pretrain_steps": 2}})
+    assert trainer.extends(transfer, merge(transfer, {"meta": {"task_shift": 0.5}}))
+    assert trainer.extends(meta, merge(meta, {"meta": {"pretrain_shift": 0.5}}))
+    assert not trainer.extends(meta, merge(meta, {"meta": {"task_shift": 0.5}}))
+    assert not trainer.extends(transfer, merge(transfer, {"meta": {"pretrain_shift": 0.5}}))
+
+    def weights(config: RunConfig, name: str) -> dict[str, torch.Tensor]:
+        return load_checkpoint(train(config, Paths(tmp_path / name), quiet=True)).theta
+
+    for config, key in ((meta, "task_shift"), (transfer, "pretrain_shift")):
+        plain = weights(config, f"{key}_plain")
+        shifted = weights(merge(config, {"meta": {key: 1.0}}), f"{key}_on")
+        assert any(not torch.equal(plain[k], shifted[k]) for k in plain)
+        other = "pretrain_shift" if key == "task_shift" else "task_shift"
+        ignored = weights(merge(config, {"meta": {other: 1.0}}), f"{key}_ignored")
+        assert all(torch.equal(plain[k], ignored[k]) for k in plain)
+    for key in ("task_shift", "pretrain_shift"):
+        with pytest.raises(ConfigError, match=rf"meta.{key} must be in \[0, 1\]"):
+            merge(meta, {"meta": {key: 1.5}})

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from imaml_seg.data.cache import SegArrays
+from imaml_seg.data.shift import shift_task
 from imaml_seg.data.validate import DataError
 
 POOLS = ("adapt", "test")
@@ -102,7 +103,8 @@ class TaskSampler:
 
     ``sample(step, index)`` is deterministic in ``(seed, step, index)``: it picks a dataset
     uniformly, then ``shots + query_size`` distinct images of its pool (the first ``shots`` are the
-    support set), flipped/rotated at random when ``augment``.
+    support set), flipped/rotated at random when ``augment``, and with ``shift`` > 0 all of them
+    under one random appearance and scale shift of that strength (:func:`shift_task`).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class TaskSampler:
         split_seed: int,
         augment: bool,
         pool: str = "adapt",
+        shift: float = 0.0,
     ) -> None:
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -125,7 +128,9 @@ class TaskSampler:
             raise DataError(f"shots and query_size must be >= 1, got {shots} and {query_size}")
         self.datasets = tuple(datasets)
         self.shots, self.query_size = shots, query_size
-        self.seed, self.augment, self.pool = seed, augment, pool
+        if not 0.0 <= shift <= 1.0:
+            raise DataError(f"shift strength must be in [0, 1], got {shift}")
+        self.seed, self.augment, self.pool, self.shift = seed, augment, pool, shift
         self.pools = tuple(_pool(d, pool, test_fraction, split_seed) for d in self.datasets)
         for arrays, indices in zip(self.datasets, self.pools, strict=True):
             if len(indices) < shots + query_size:
@@ -140,6 +145,8 @@ class TaskSampler:
         arrays, pool = self.datasets[which], self.pools[which]
         chosen = rng.choice(pool, self.shots + self.query_size, replace=False)
         x, y = _gather(arrays, chosen, rng if self.augment else None)
+        if self.shift:
+            x, y = shift_task(x, y, rng, self.shift)
         k = self.shots
         return Task(x[:k], y[:k], x[k:], y[k:], arrays.name)
 
@@ -196,12 +203,14 @@ def pooled_batch(
     test_fraction: float,
     split_seed: int,
     augment: bool,
+    shift: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """A supervised batch ``(B, 3, R, R)``, ``(B, 1, R, R)`` from the sources' adaptation pools.
 
     Each image picks its dataset uniformly (as TaskSampler does for tasks, so transfer learning
-    sees the datasets in the same proportions as meta-learning), then an image of its pool.
-    Deterministic in ``(seed, step)``.
+    sees the datasets in the same proportions as meta-learning), then an image of its pool; with
+    ``shift`` > 0 each image under its own random shift of that strength (:func:`shift_task`), the
+    supervised counterpart of shifted tasks.  Deterministic in ``(seed, step)``.
     """
     if not datasets:
         raise DataError("no datasets to draw a pretraining batch from")
@@ -214,6 +223,9 @@ def pooled_batch(
         if count:
             chosen = rng.choice(pools[d], count, replace=count > len(pools[d]))
             x, y = _gather(datasets[d], chosen, rng if augment else None)
+            if shift:
+                pairs = [shift_task(x[i : i + 1], y[i : i + 1], rng, shift) for i in range(count)]
+                x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
             xs.append(x)
             ys.append(y)
     order = torch.from_numpy(rng.permutation(batch_size))

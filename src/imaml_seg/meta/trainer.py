@@ -71,18 +71,20 @@ def extends(old: RunConfig, new: RunConfig) -> bool:
     The ``[eval]`` section and the budget the run does not train with (``meta_steps`` of
     transfer, ``pretrain_steps`` of the others) may differ: training never reads them
     (validation adapts with the ``[inner]`` loop).  Nor does transfer read ``start_weight``, a
-    term of the meta-objective, ``average_from`` or the learned strengths' ``lam_lr`` and
-    ``lam_max``, so a warm-start study with any of them may continue plain transfer; the
-    meta-learners do not read ``pretrain_average_from``.  A run without averaging may be
-    continued to one that averages only steps after its own (classic SWA: train, then average
-    further steps)."""
+    term of the meta-objective, ``average_from``, the learned strengths' ``lam_lr`` and
+    ``lam_max`` or ``task_shift``, so a warm-start study with any of them may continue plain
+    transfer; the meta-learners do not read ``pretrain_average_from`` or ``pretrain_shift``.  A
+    run without averaging may be continued to one that averages only steps after its own
+    (classic SWA: train, then average further steps)."""
     budget = {"meta_steps": new.meta.meta_steps, "pretrain_steps": new.meta.pretrain_steps}
     if old.meta.algorithm in ("transfer", "scratch"):
         budget["start_weight"] = new.meta.start_weight
         budget["average_from"] = new.meta.average_from
         budget["lam_lr"], budget["lam_max"] = new.meta.lam_lr, new.meta.lam_max
+        budget["task_shift"] = new.meta.task_shift
     if old.meta.algorithm != "transfer":
         budget["pretrain_average_from"] = new.meta.pretrain_average_from
+        budget["pretrain_shift"] = new.meta.pretrain_shift
     own = "pretrain_average_from" if old.meta.algorithm == "transfer" else "average_from"
     if average_start(old) == 0 and getattr(new.meta, own) > run_steps(old):
         budget[own] = getattr(new.meta, own)  # averaging only steps the old run lacks
@@ -283,7 +285,12 @@ def train(
     ]
     common = dict(seed=config.training_seed, test_fraction=d.test_fraction, split_seed=d.split_seed)
     sampler = TaskSampler(
-        sources, shots=d.shots, query_size=d.query_size, augment=d.augment, **common
+        sources,
+        shots=d.shots,
+        query_size=d.query_size,
+        augment=d.augment,
+        shift=config.meta.task_shift,
+        **common,
     )
     val_sampler = TaskSampler(
         sources,
@@ -307,7 +314,12 @@ def train(
 
         def step_fn(step: int) -> tuple[Params | None, Params | None, dict[str, Any]]:
             x, y = pooled_batch(
-                sources, config.meta.pretrain_batch_size, step, augment=d.augment, **common
+                sources,
+                config.meta.pretrain_batch_size,
+                step,
+                augment=d.augment,
+                shift=config.meta.pretrain_shift,
+                **common,
             )
             grad, loss = supervised_grad(model, theta, x.to(device), y.to(device))
             return grad, None, {"loss": loss}
