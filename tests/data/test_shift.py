@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from imaml_seg.data.cache import SegArrays
 from imaml_seg.data.shift import _zoom, shift_task, standardise
 from imaml_seg.data.tasks import TaskSampler, pooled_batch
 from imaml_seg.data.validate import DataError
@@ -107,8 +108,6 @@ def test_out_of_range_strength() -> None:
 
 
 def test_sampler_and_pooled_batch_shift_keyed() -> None:
-    from imaml_seg.data.cache import SegArrays
-
     x, y = blobs(30, seed=3)
     data = SegArrays(x.numpy(), y.numpy(), tuple(f"b{i}" for i in range(30)), "blobs")
     common = dict(shots=2, query_size=3, seed=0, augment=False, **SPLIT)
