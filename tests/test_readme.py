@@ -1,4 +1,5 @@
-"""The README's two commands stay true: CI runs the test command verbatim, the demo exists."""
+"""The README's two commands stay true (CI runs the test command verbatim, the demo exists), and
+every generated block of the README and of the full study report matches what ``results/`` holds."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import pytest
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
+REPORTS = ("README.md", "docs/study.md")
+
+
+def reports() -> dict[str, str]:
+    """Each file that holds generated tables, by its path in the repository: its text."""
+    return {name: (REPO / name).read_text() for name in REPORTS}
 
 
 def commands() -> list[str]:
@@ -29,16 +36,22 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert commands()[1] in ci
 
 
-def test_study_tables_in_the_readme_match_their_results() -> None:
+def test_study_tables_in_the_reports_match_their_results() -> None:
     import json
 
     from imaml_seg.experiment import markdown_table
 
-    text = (REPO / "README.md").read_text()
-    for name in re.findall(r"<!-- STUDY:(\w+) -->", text):
-        result = json.loads((REPO / "results" / f"{name}.json").read_text())
-        block = text.split(f"<!-- STUDY:{name} -->\n", 1)[1].split(f"<!-- /STUDY:{name} -->")[0]
-        assert block == markdown_table(result), f"README table of {name} is stale"
+    for path, text in reports().items():
+        for name in re.findall(r"<!-- STUDY:(\w+) -->", text):
+            result = json.loads((REPO / "results" / f"{name}.json").read_text())
+            block = text.split(f"<!-- STUDY:{name} -->\n", 1)[1].split(f"<!-- /STUDY:{name} -->")[0]
+            assert block == markdown_table(result), f"{path}: table of {name} is stale"
+
+
+def test_each_study_table_is_in_one_report_once() -> None:
+    names = [n for text in reports().values() for n in re.findall(r"<!-- STUDY:(\w+) -->", text)]
+    assert len(names) > 3
+    assert sorted(names) == sorted(set(names)), "a study's table is written in two places"
 
 
 def test_demo_table_in_the_readme_matches_its_result() -> None:
@@ -50,13 +63,14 @@ def test_demo_table_in_the_readme_matches_its_result() -> None:
     assert block == result["table"].rstrip("\n")
 
 
-def test_seed_tables_in_the_readme_match_their_results() -> None:
+def test_seed_tables_in_the_reports_match_their_results() -> None:
     seed_spread = load_script("seed_spread")
-    blocks = seed_spread.readme_blocks((REPO / "README.md").read_text())
-    assert blocks, "the README has no training-seed tables"
-    for args, block in blocks:
+    blocks = [(path, *b) for path, text in reports().items()
+              for b in seed_spread.readme_blocks(text)]
+    assert blocks, "the reports have no training-seed tables"
+    for path, args, block in blocks:
         parsed = seed_spread.parser().parse_args([*args, "--root", str(REPO)])
-        assert block == seed_spread.tables(parsed) + "\n", f"README seed tables {args} are stale"
+        assert block == seed_spread.tables(parsed) + "\n", f"{path}: seed tables {args} are stale"
 
 
 def test_budget_tables_in_the_readme_match_their_results() -> None:
@@ -70,12 +84,12 @@ def test_budget_tables_in_the_readme_match_their_results() -> None:
 
 @pytest.mark.parametrize("script", ["support_select", "source_scores", "learned_strengths"])
 def test_tables_of_weight_scoring_scripts_match_their_saved_scores(script: str) -> None:
-    """Scripts that score weights save what they computed; the README's blocks reprint from it."""
+    """Scripts that score weights save what they computed; the reports' blocks reprint from it."""
     module = load_script(script)
-    blocks = module.readme_blocks((REPO / "README.md").read_text())
-    assert blocks, f"the README has no {module.TAG} table"
-    for args, block in blocks:
+    blocks = [(path, *b) for path, text in reports().items() for b in module.readme_blocks(text)]
+    assert blocks, f"the reports have no {module.TAG} table"
+    for path, args, block in blocks:
         parsed = module.parser().parse_args([*args, "--root", str(REPO)])
         assert block == module.make(parsed, compute=False) + "\n", (
-            f"README {module.TAG} table {args} is stale"
+            f"{path}: {module.TAG} table {args} is stale"
         )

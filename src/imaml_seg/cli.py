@@ -168,7 +168,7 @@ def _test_time_args(p: argparse.ArgumentParser) -> None:
         metavar="B",
         help="start from (1 - B) x the model's weights + B x the weights it was warm-started "
         "from (its meta.warm_start checkpoint, e.g. transfer's); 0.5 = the midpoint, which "
-        "varied less over training seeds on unseen CVC-ClinicDB (README)",
+        "varied less over training seeds on unseen CVC-ClinicDB (docs/study.md)",
     )
     p.add_argument(
         "--support-cv",
@@ -307,7 +307,7 @@ def adapt_on_folder(ckpt: Checkpoint, folder: str, args: argparse.Namespace) -> 
             f"imaml-seg {args.command}: note: {folder} holds one labelled image, which support "
             f"cross-validation cannot split; adapted {method.steps} steps (--inner-steps 0 "
             "keeps the model as trained, which scored higher on a target close to the training "
-            "sources: README, 'one shot')",
+            "sources: docs/study.md, 'One shot')",
             file=sys.stderr,
         )
     state = {
