@@ -38,6 +38,7 @@ import readme_block  # noqa: E402
 
 from imaml_seg.config import ConfigError  # noqa: E402
 from imaml_seg.experiment import Study  # noqa: E402
+from imaml_seg.plots import save_png  # noqa: E402
 
 TAG = "COMPUTE"
 
@@ -151,8 +152,7 @@ def plot(rows: list[dict[str, object]], args: argparse.Namespace, png: Path) -> 
     ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_png(fig, png)
 
 
 def make(args: argparse.Namespace) -> str:

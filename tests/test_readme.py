@@ -93,3 +93,14 @@ def test_tables_of_weight_scoring_scripts_match_their_saved_scores(script: str) 
         assert block == module.make(parsed, compute=False) + "\n", (
             f"{path}: {module.TAG} table {args} is stale"
         )
+
+
+def test_compute_tables_in_the_reports_match_their_results() -> None:
+    compute_curve = load_script("compute_curve")
+    blocks = [(path, *b) for path, text in reports().items()
+              for b in compute_curve.readme_blocks(text)]
+    assert blocks, "the reports have no COMPUTE table"
+    for path, args, block in blocks:
+        parsed = compute_curve.parser().parse_args([*args, "--root", str(REPO)])
+        assert parsed.png is None, f"{path}: a COMPUTE block's arguments draw no figure"
+        assert block == compute_curve.make(parsed) + "\n", f"{path}: COMPUTE table {args} is stale"
