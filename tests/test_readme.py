@@ -63,14 +63,24 @@ def test_demo_table_in_the_readme_matches_its_result() -> None:
     assert block == result["table"].rstrip("\n")
 
 
+def script_blocks(module) -> list[tuple[str, list[str], str]]:
+    """Every block a README-writing script owns in the reports: (file, its arguments, its body);
+    the arguments parsed with ``--root`` at this repository (``parse``)."""
+    blocks = [(path, *b) for path, text in reports().items() for b in module.readme_blocks(text)]
+    assert blocks, f"the reports have no block of {module.__name__}"
+    return blocks
+
+
+def parse(module, args: list[str]):
+    return module.parser().parse_args([*args, "--root", str(REPO)])
+
+
 def test_seed_tables_in_the_reports_match_their_results() -> None:
     seed_spread = load_script("seed_spread")
-    blocks = [(path, *b) for path, text in reports().items()
-              for b in seed_spread.readme_blocks(text)]
-    assert blocks, "the reports have no training-seed tables"
-    for path, args, block in blocks:
-        parsed = seed_spread.parser().parse_args([*args, "--root", str(REPO)])
-        assert block == seed_spread.tables(parsed) + "\n", f"{path}: seed tables {args} are stale"
+    for path, args, block in script_blocks(seed_spread):
+        assert block == seed_spread.tables(parse(seed_spread, args)) + "\n", (
+            f"{path}: seed tables {args} are stale"
+        )
 
 
 def test_budget_tables_in_the_readme_match_their_results() -> None:
@@ -86,10 +96,8 @@ def test_budget_tables_in_the_readme_match_their_results() -> None:
 def test_tables_of_weight_scoring_scripts_match_their_saved_scores(script: str) -> None:
     """Scripts that score weights save what they computed; the reports' blocks reprint from it."""
     module = load_script(script)
-    blocks = [(path, *b) for path, text in reports().items() for b in module.readme_blocks(text)]
-    assert blocks, f"the reports have no {module.TAG} table"
-    for path, args, block in blocks:
-        parsed = module.parser().parse_args([*args, "--root", str(REPO)])
+    for path, args, block in script_blocks(module):
+        parsed = parse(module, args)
         assert block == module.make(parsed, compute=False) + "\n", (
             f"{path}: {module.TAG} table {args} is stale"
         )
@@ -97,10 +105,7 @@ def test_tables_of_weight_scoring_scripts_match_their_saved_scores(script: str) 
 
 def test_compute_tables_in_the_reports_match_their_results() -> None:
     compute_curve = load_script("compute_curve")
-    blocks = [(path, *b) for path, text in reports().items()
-              for b in compute_curve.readme_blocks(text)]
-    assert blocks, "the reports have no COMPUTE table"
-    for path, args, block in blocks:
-        parsed = compute_curve.parser().parse_args([*args, "--root", str(REPO)])
+    for path, args, block in script_blocks(compute_curve):
+        parsed = parse(compute_curve, args)
         assert parsed.png is None, f"{path}: a COMPUTE block's arguments draw no figure"
         assert block == compute_curve.make(parsed) + "\n", f"{path}: COMPUTE table {args} is stale"
