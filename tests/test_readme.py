@@ -64,14 +64,14 @@ def test_demo_table_in_the_readme_matches_its_result() -> None:
 
 
 def script_blocks(module) -> list[tuple[str, list[str], str]]:
-    """Every block a README-writing script owns in the reports: (file, its arguments, its body);
-    the arguments parsed with ``--root`` at this repository (``parse``)."""
+    """Every block a README-writing script owns in the reports: (file, its arguments, its body)."""
     blocks = [(path, *b) for path, text in reports().items() for b in module.readme_blocks(text)]
     assert blocks, f"the reports have no block of {module.__name__}"
     return blocks
 
 
 def parse(module, args: list[str]):
+    """A block's arguments as its script parses them, reading this repository's results."""
     return module.parser().parse_args([*args, "--root", str(REPO)])
 
 
