@@ -9,7 +9,7 @@ whose study names carry no seed, ``_seed<k>`` for the others), e.g.::
         --series transfer unseen_skin_seed{seed}_start03_warm:transfer \\
             unseen_skin_seed{seed}_start03_warm_transfer_9000:transfer \\
         --series "warm iMAML" unseen_skin_seed{seed}_start03_warm:imaml_warm \\
-        --png results/figures/compute_skin.png
+        --png results/compute_skin.png
 
 A unit's training compute is the CPU time its training log records (the sum of every step's
 seconds), plus, for warm-started iMAML, the log of the transfer run it started from (found in its
