@@ -135,10 +135,7 @@ def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
 
 def plot(rows: list[dict[str, object]], args: argparse.Namespace, png: Path) -> None:
     """The curves: one line per series, training CPU minutes against Dice, sd as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the Agg backend: imaml_seg.plots sets it on import
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in dict.fromkeys(r["series"] for r in rows):
@@ -183,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--readme" in argv and "--png" in argv:
+    args = parser().parse_args(argv)
+    if args.readme is not None and args.png is not None:
         # The block is named by its arguments; a figure path among them would be checked too.
         print("error: --readme and --png: run once with each", file=sys.stderr)
         return 2
